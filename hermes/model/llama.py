@@ -1,0 +1,239 @@
+"""Llama 3.1 in plain PyTorch: RMSNorm, grouped-query attention with scaled RoPE, SwiGLU, untied head.
+
+The model knows nothing of processes or meshes; hermes.parallel shards it from outside. Module names follow
+Meta's checkpoints (tok_embeddings, layers.N.attention.wq, ...), which is also what the parallel plans name.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from hermes.data.sample import IGNORE_INDEX
+from hermes.model.attention import attention
+from hermes.model.config import LlamaConfig
+from hermes.model.rope import apply_rope, rope_cos_sin, rope_frequencies
+
+LOGPROB_CHUNK_TOKENS = 1024
+"""Tokens per chunk when computing label log-probabilities: bounds the float32 logits alive at once."""
+
+
+class RMSNorm(nn.Module):
+    """x * rsqrt(mean(x^2) + eps), computed in float32, cast back, times a learned weight."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return normed.to(x.dtype) * self.weight
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LlamaConfig, attention_backend: str = "auto") -> None:
+        super().__init__()
+        self.n_heads = config.n_heads
+        self.n_kv_heads = config.n_kv_heads
+        self.head_dim = config.attention_head_dim
+        self.backend = attention_backend
+        self.wq = nn.Linear(config.dim, config.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(config.dim, config.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(config.dim, config.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(config.n_heads * self.head_dim, config.dim, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cu_seqlens: torch.Tensor | None,
+        max_seqlen: int | None,
+    ) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        # -1 rather than n_heads: under tensor parallelism each rank holds a slice of the heads.
+        q = self.wq(x).view(batch, seq, -1, self.head_dim)  # [batch, seq, heads, head_dim]
+        k = self.wk(x).view(batch, seq, -1, self.head_dim)  # [batch, seq, kv_heads, head_dim]
+        v = self.wv(x).view(batch, seq, -1, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = attention(q, k, v, cu_seqlens, max_seqlen, backend=self.backend)
+        return self.wo(out.reshape(batch, seq, -1))
+
+    def init_weights(self, out_std: float) -> None:
+        for linear in (self.wq, self.wk, self.wv):
+            nn.init.trunc_normal_(linear.weight, mean=0.0, std=0.02)
+        nn.init.trunc_normal_(self.wo.weight, mean=0.0, std=out_std)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+    def init_weights(self, out_std: float) -> None:
+        nn.init.trunc_normal_(self.w1.weight, mean=0.0, std=0.02)
+        for linear in (self.w2, self.w3):
+            nn.init.trunc_normal_(linear.weight, mean=0.0, std=out_std)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, layer_id: int, config: LlamaConfig, attention_backend: str = "auto") -> None:
+        super().__init__()
+        self.layer_id = layer_id
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
+        self.attention = Attention(config, attention_backend)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.feed_forward = FeedForward(config.dim, config.hidden_dim)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
+    ) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, cu_seqlens, max_seqlen)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+    def init_weights(self) -> None:
+        # Depth-scaled init of the projections that write into the residual stream.
+        out_std = 0.02 / math.sqrt(2 * (self.layer_id + 1))
+        self.attention_norm.reset_parameters()
+        self.ffn_norm.reset_parameters()
+        self.attention.init_weights(out_std)
+        self.feed_forward.init_weights(out_std)
+
+
+class Llama(nn.Module):
+    """Llama 3.x decoder.
+
+    Build a large model without memory on the meta device, then materialise and initialise it:
+
+        with torch.device("meta"):
+            model = Llama(LlamaConfig.preset("llama3.1-405b"))
+        model.to_empty(device="cuda")   # usually after sharding
+        model.init_weights()
+
+    A model built on a real device is initialised at construction.
+    """
+
+    def __init__(self, config: LlamaConfig, attention_backend: str = "auto") -> None:
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(
+            TransformerBlock(i, config, attention_backend) for i in range(config.n_layers)
+        )
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if self.output.weight.device.type != "meta":
+            self.init_weights()
+
+    def set_attention_backend(self, backend: str) -> None:
+        """Route every block's attention through `backend` (see hermes.model.attention.BACKENDS)."""
+        for layer in self.layers:
+            layer.attention.backend = backend
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Initialise every parameter in place (after `to_empty` for a model built on meta)."""
+        nn.init.normal_(self.tok_embeddings.weight, mean=0.0, std=1.0)
+        for layer in self.layers:
+            layer.init_weights()
+        self.norm.reset_parameters()
+        bound = 3 * self.config.dim**-0.5
+        nn.init.trunc_normal_(self.output.weight, mean=0.0, std=self.config.dim**-0.5, a=-bound, b=bound)
+
+    def hidden_states(
+        self,
+        tokens: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
+        input_embeddings: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Final normalised hidden states [batch, seq, dim]; `input_embeddings` replaces the lookup."""
+        batch, seq = tokens.shape
+        if position_ids is None:
+            if cu_seqlens is not None:
+                raise ValueError("packed rows (cu_seqlens) need position_ids that restart at each sample")
+            position_ids = torch.arange(seq, device=tokens.device).expand(batch, seq)
+        h = self.tok_embeddings(tokens) if input_embeddings is None else input_embeddings
+        freqs = rope_frequencies(
+            self.config.attention_head_dim,
+            self.config.rope_theta,
+            self.config.rope_scaling,
+            device=tokens.device,
+        )
+        cos, sin = rope_cos_sin(position_ids, freqs)
+        for layer in self.layers:
+            h = layer(h, cos, sin, cu_seqlens, max_seqlen)
+        return self.norm(h)
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
+        labels: torch.Tensor | None = None,
+        input_embeddings: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits [batch, seq, vocab], or, given `labels`, their log-probabilities.
+
+        Args:
+            tokens: [batch, seq] token ids.
+            position_ids: [batch, seq]; for packed rows they restart at 0 at each sample.
+            cu_seqlens: int32 cumulative sample offsets into the flattened batch*seq tokens (packed rows).
+            max_seqlen: longest sample in the batch (fused kernels use it).
+            labels: [batch, seq] target ids, already shifted (the target of position t), IGNORE_INDEX where
+                untrained. When given, the result is the float32 log-probability of each target, [batch, seq]
+                (0 where ignored), computed in chunks so full float32 logits never exist at once.
+            input_embeddings: [batch, seq, dim] to use instead of the embedding lookup (e.g. with NEFTune
+                noise added).
+        """
+        hidden = self.hidden_states(tokens, position_ids, cu_seqlens, max_seqlen, input_embeddings)
+        if labels is None:
+            return self.output(hidden)
+        return label_logprobs(hidden, self.output, labels)
+
+
+def _chunk_logprobs(hidden: torch.Tensor, output: nn.Module, labels: torch.Tensor) -> torch.Tensor:
+    logits = output(hidden).float()
+    return -F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="none")
+
+
+def label_logprobs(
+    hidden: torch.Tensor, output: nn.Module, labels: torch.Tensor, chunk_tokens: int = LOGPROB_CHUNK_TOKENS
+) -> torch.Tensor:
+    """log p(label) for every position, [batch, seq] float32, 0 where the label is IGNORE_INDEX.
+
+    The output projection and float32 softmax run `chunk_tokens` at a time; under autograd each chunk is
+    recomputed in backward instead of kept, so an 8192 x 128256 row never holds its float32 logits at once.
+    """
+    batch, seq, dim = hidden.shape
+    flat_hidden, flat_labels = hidden.reshape(-1, dim), labels.reshape(-1)
+    pieces = []
+    for start in range(0, flat_labels.numel(), chunk_tokens):
+        h, y = flat_hidden[start : start + chunk_tokens], flat_labels[start : start + chunk_tokens]
+        if torch.is_grad_enabled():
+            pieces.append(checkpoint(_chunk_logprobs, h, output, y, use_reentrant=False))
+        else:
+            pieces.append(_chunk_logprobs(h, output, y))
+    return torch.cat(pieces).view(batch, seq)
