@@ -1,0 +1,339 @@
+"""Reading training records from JSONL files into Conversations and PreferencePairs.
+
+One JSON object per line; blank lines are skipped. Files are streamed line by line, never loaded whole.
+
+Record forms:
+
+- ShareGPT: `{"conversations": [{"from": "system" | "human" | "gpt" | "tool", "value": str}, ...]}`.
+- OpenAI: `{"messages": [{"role": "system" | "user" | "assistant" | "tool", "content": str}, ...]}`.
+- Preference pair: `{"prompt" | "messages" | "conversations": ..., "chosen": ..., "rejected": ...}`, each side a
+  string (the prompt a user turn, an answer an assistant turn), one turn, or a list of turns.
+
+A turn is written either way, `{"from", "value"}` or `{"role", "content"}`, in either list; "human" and "gpt"
+are aliases of "user" and "assistant" (ROLE_ALIASES lists every accepted role). Any record may carry
+`"category"` (a string; absent = "") and `"tools"`: a list of JSON schemas, bare (`{"name", ...}`) or OpenAI's
+`{"type": "function", "function": {"name", ...}}`, or that list as a JSON string (as hermes-function-calling-v1
+ships it). Schemas are kept as written.
+
+Content is kept as the model sees it: tool calls written as `<tool_call>` text and tool results as
+`<tool_response>` text pass through unchanged. OpenAI's structured fields are turned into that text: an
+assistant turn's `"tool_calls"` ([{"id", "function": {"name", "arguments"}}], arguments a dict or a JSON
+string) become `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>` blocks after its content, and a
+tool turn that names its function (`"name"`, or a `"tool_call_id"` of an earlier call) and has no
+`<tool_response>` tag is wrapped as `<tool_response>\\n{"name": ..., "content": ...}\\n</tool_response>`.
+OpenAI content given as a list of text parts is joined.
+
+Error policy:
+
+- Format problems are hard errors (RecordError, naming file:line, the field and the fix): a line that is not
+  valid UTF-8 JSON or not an object; neither or both of the turn lists; a missing or mistyped field; an unknown
+  role; content that is not a string; a tool schema without a name; a preference record read as a
+  conversation. They mean the file is not what the reader takes it for, so nothing after it can be trusted.
+- Content problems are not errors here: the record is read as written, and the filters of
+  hermes.data.filters drop it and count it under a reason (empty turns, no assistant turn, turns out of
+  order, refusals, malformed tool calls). Real datasets hold such records and one must not stop a run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from hermes.data.conversation import Conversation, Message, PreferencePair
+
+ROLE_ALIASES = {
+    "system": "system",
+    "user": "user",
+    "human": "user",
+    "assistant": "assistant",
+    "gpt": "assistant",
+    "tool": "tool",
+}
+"""Accepted role names (ShareGPT "from" or OpenAI "role") -> the role of hermes.data.conversation.ROLES."""
+
+Paths = str | os.PathLike | Iterable[str | os.PathLike]
+
+
+class RecordError(ValueError):
+    """A record that cannot be read. The message names `source` ("path:line"), the field and the fix."""
+
+    def __init__(self, source: str, field: str, problem: str, fix: str) -> None:
+        self.source, self.field = source, field
+        where = f"{source}: field {field!r}" if field else source
+        super().__init__(f"{where}: {problem}. Fix: {fix}")
+
+
+def iter_records(paths: Paths) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Stream the JSON objects of one or several JSONL files, in order.
+
+    Args:
+        paths: a path, or an iterable of paths.
+
+    Returns:
+        An iterator of (source, record) with source = "path:line" (1-based line; blank lines skipped).
+
+    Raises:
+        RecordError: a line is not valid UTF-8, not valid JSON, or not a JSON object.
+    """
+    for path in [paths] if isinstance(paths, str | os.PathLike) else paths:
+        with open(path, "rb") as lines:
+            for number, raw in enumerate(lines, 1):
+                source = f"{os.fspath(path)}:{number}"
+                try:
+                    text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+                except UnicodeDecodeError as error:
+                    raise RecordError(
+                        source, "", f"not valid UTF-8 ({error})", "save the file as UTF-8"
+                    ) from None
+                if not text.strip():
+                    continue
+                try:
+                    record = json.loads(text)
+                except json.JSONDecodeError as error:
+                    raise RecordError(
+                        source, "", f"not valid JSON ({error})", "write exactly one JSON object per line"
+                    ) from None
+                if not isinstance(record, dict):
+                    raise RecordError(
+                        source,
+                        "",
+                        f"expected a JSON object, got {_kind(record)}",
+                        "write one JSON object per line",
+                    )
+                yield source, record
+
+
+def read_conversations(paths: Paths) -> Iterator[Conversation]:
+    """Stream the Conversations of ShareGPT / OpenAI JSONL files (see the module docstring).
+
+    Raises:
+        RecordError: on the first format problem, naming file, line, field and fix.
+    """
+    for source, record in iter_records(paths):
+        yield parse_conversation(record, source)
+
+
+def read_preference_pairs(paths: Paths) -> Iterator[PreferencePair]:
+    """Stream the PreferencePairs of preference JSONL files (see the module docstring).
+
+    Raises:
+        RecordError: on the first format problem, naming file, line, field and fix.
+    """
+    for source, record in iter_records(paths):
+        yield parse_preference_pair(record, source)
+
+
+def parse_conversation(record: dict[str, Any], source: str) -> Conversation:
+    """One ShareGPT or OpenAI record -> Conversation.
+
+    Raises:
+        RecordError: a format problem (see the module docstring).
+    """
+    if "chosen" in record or "rejected" in record:
+        raise RecordError(
+            source,
+            "chosen",
+            "this is a preference pair, not a conversation",
+            "read it as DPO data (preference pairs)",
+        )
+    key = _one_key(record, ("conversations", "messages"), source)
+    return Conversation(
+        messages=_parse_turns(record[key], source, key, {}),
+        tools=_parse_tools(record.get("tools"), source),
+        category=_parse_category(record, source),
+        source=source,
+    )
+
+
+def parse_preference_pair(record: dict[str, Any], source: str) -> PreferencePair:
+    """One preference record -> PreferencePair.
+
+    Raises:
+        RecordError: a format problem (see the module docstring).
+    """
+    prompt_key = _one_key(record, ("prompt", "messages", "conversations"), source)
+    for key in ("chosen", "rejected"):
+        if key not in record:
+            raise RecordError(
+                source, key, "missing field", f'add "{key}": a string, one turn, or a list of turns'
+            )
+    call_names: dict[str, str] = {}
+    return PreferencePair(
+        prompt=_parse_side(record[prompt_key], source, prompt_key, "user", call_names),
+        chosen=_parse_side(record["chosen"], source, "chosen", "assistant", call_names),
+        rejected=_parse_side(record["rejected"], source, "rejected", "assistant", call_names),
+        tools=_parse_tools(record.get("tools"), source),
+        category=_parse_category(record, source),
+        source=source,
+    )
+
+
+def tool_name(schema: dict[str, Any]) -> str | None:
+    """The function name of a tool schema, bare or OpenAI-style; None when it has none."""
+    inner = schema.get("function")
+    name = inner.get("name") if isinstance(inner, dict) else schema.get("name")
+    return name if isinstance(name, str) and name else None
+
+
+def _kind(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _one_key(record: dict[str, Any], keys: tuple[str, ...], source: str) -> str:
+    present = [key for key in keys if key in record]
+    if len(present) != 1:
+        names = " or ".join(f'"{key}"' for key in keys)
+        problem = f"has both {' and '.join(present)}" if present else f"missing {names}"
+        raise RecordError(
+            source, present[-1] if present else keys[0], problem, f"give exactly one of {names}"
+        )
+    return present[0]
+
+
+def _parse_category(record: dict[str, Any], source: str) -> str:
+    category = record.get("category", "")
+    if not isinstance(category, str):
+        raise RecordError(
+            source, "category", f"expected a string, got {_kind(category)}", 'write "category": "math"'
+        )
+    return category
+
+
+def _parse_tools(value: Any, source: str) -> tuple[dict[str, Any], ...]:
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return ()
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as error:
+            raise RecordError(
+                source, "tools", f"string is not valid JSON ({error})", "give a list of schemas"
+            ) from None
+    if not isinstance(value, list):
+        raise RecordError(
+            source, "tools", f"expected a list of schemas, got {_kind(value)}", "give a list of schemas"
+        )
+    for i, schema in enumerate(value):
+        if not isinstance(schema, dict) or tool_name(schema) is None:
+            raise RecordError(
+                source,
+                f"tools[{i}]",
+                "a tool schema must be an object with a name",
+                'write {"name": ..., "parameters": {...}} or {"type": "function", "function": {"name": ...}}',
+            )
+    return tuple(value)
+
+
+def _parse_side(
+    value: Any, source: str, field: str, role: str, call_names: dict[str, str]
+) -> tuple[Message, ...]:
+    if isinstance(value, str):
+        return (Message(role, value),)
+    if isinstance(value, dict):
+        return (_parse_turn(value, source, field, call_names),)
+    return _parse_turns(value, source, field, call_names)
+
+
+def _parse_turns(value: Any, source: str, field: str, call_names: dict[str, str]) -> tuple[Message, ...]:
+    """`call_names` maps OpenAI tool-call ids to function names, filled by calls and read by tool results."""
+    if not isinstance(value, list):
+        raise RecordError(
+            source,
+            field,
+            f"expected a list of turns, got {_kind(value)}",
+            'write [{"role": ..., "content": ...}, ...]',
+        )
+    return tuple(_parse_turn(turn, source, f"{field}[{i}]", call_names) for i, turn in enumerate(value))
+
+
+def _parse_turn(turn: Any, source: str, field: str, call_names: dict[str, str]) -> Message:
+    if not isinstance(turn, dict):
+        raise RecordError(
+            source, field, f"expected a turn object, got {_kind(turn)}", 'write {"role": ..., "content": ...}'
+        )
+    role_key, content_key = ("from", "value") if "from" in turn else ("role", "content")
+    if role_key not in turn:
+        raise RecordError(
+            source, field, 'missing "role" (or "from")', 'add "role": "user" (or "from": "human")'
+        )
+    role = ROLE_ALIASES.get(turn[role_key]) if isinstance(turn[role_key], str) else None
+    if role is None:
+        raise RecordError(
+            source,
+            f"{field}.{role_key}",
+            f"unknown role {turn[role_key]!r}",
+            f"use one of {', '.join(ROLE_ALIASES)}",
+        )
+    calls = turn.get("tool_calls") if role == "assistant" else None
+    if content_key not in turn and not calls:
+        raise RecordError(
+            source, f"{field}.{content_key}", "missing field", f'add "{content_key}": the turn\'s text'
+        )
+    content = _content_text(turn.get(content_key), source, f"{field}.{content_key}", allow_null=bool(calls))
+    if calls:
+        blocks = [
+            _tool_call_text(call, source, f"{field}.tool_calls[{i}]", call_names)
+            for i, call in enumerate(calls)
+        ]
+        content = "\n".join([content, *blocks] if content else blocks)
+    if role == "tool" and "<tool_response>" not in content and ("name" in turn or "tool_call_id" in turn):
+        content = _tool_response_text(turn, content, source, field, call_names)
+    return Message(role, content)
+
+
+def _content_text(content: Any, source: str, field: str, allow_null: bool) -> str:
+    if isinstance(content, str):
+        return content
+    if content is None and allow_null:
+        return ""
+    if isinstance(content, list) and all(
+        isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
+        for part in content
+    ):
+        return "".join(part["text"] for part in content)
+    raise RecordError(
+        source,
+        field,
+        f"content must be a string (or a list of text parts), got {_kind(content)}",
+        "write the turn's text as a JSON string",
+    )
+
+
+def _tool_call_text(call: Any, source: str, field: str, call_names: dict[str, str]) -> str:
+    function = call.get("function", call) if isinstance(call, dict) else None
+    name = function.get("name") if isinstance(function, dict) else None
+    if not isinstance(name, str):
+        raise RecordError(
+            source, field, "a tool call needs a function name", 'write {"function": {"name", "arguments"}}'
+        )
+    if isinstance(call.get("id"), str):
+        call_names[call["id"]] = name
+    arguments = function.get("arguments", {})
+    if isinstance(arguments, str):
+        # Broken JSON is kept as written: the tool-call filter drops and counts it as a malformed call.
+        with contextlib.suppress(json.JSONDecodeError):
+            arguments = json.loads(arguments)
+    arguments_text = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
+    return f'<tool_call>\n{{"name": {json.dumps(name, ensure_ascii=False)}, "arguments": {arguments_text}}}\n</tool_call>'
+
+
+def _tool_response_text(
+    turn: dict[str, Any], content: str, source: str, field: str, call_names: dict[str, str]
+) -> str:
+    name = turn.get("name") or call_names.get(turn.get("tool_call_id"))
+    if not isinstance(name, str):
+        raise RecordError(
+            source,
+            f"{field}.name",
+            "tool result names no function (no name, and its tool_call_id matches no earlier tool call)",
+            'add "name": the called function\'s name',
+        )
+    try:
+        result = json.loads(content)
+    except json.JSONDecodeError:
+        result = content
+    body = json.dumps({"name": name, "content": result}, ensure_ascii=False)
+    return f"<tool_response>\n{body}\n</tool_response>"
