@@ -76,7 +76,7 @@ class LlamaConfig:
 
     @classmethod
     def preset(cls, name: str) -> LlamaConfig:
-        """One of PRESETS: "llama3.1-8b", "llama3.1-70b", "llama3.1-405b", "tiny"."""
+        """One of PRESETS: "llama3.1-8b", "llama3.1-70b", "llama3.1-405b", "tiny", "debug"."""
         try:
             return PRESETS[name]
         except KeyError:
@@ -214,5 +214,9 @@ PRESETS: dict[str, LlamaConfig] = {
         n_kv_heads=2,
         hidden_dim=ffn_hidden_dim(256, None, 256),
         max_seq_len=8192,
+    ),
+    # The smallest shape that keeps every feature (GQA, scaled RoPE, the real vocabulary): for tests.
+    "debug": LlamaConfig(
+        dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=ffn_hidden_dim(64, None, 64), max_seq_len=8192
     ),
 }

@@ -224,16 +224,27 @@ def label_logprobs(
 ) -> torch.Tensor:
     """log p(label) for every position, [batch, seq] float32, 0 where the label is IGNORE_INDEX.
 
-    The output projection and float32 softmax run `chunk_tokens` at a time; under autograd each chunk is
-    recomputed in backward instead of kept, so an 8192 x 128256 row never holds its float32 logits at once.
+    Only labelled positions go through the output projection (in SFT most prompt tokens carry no label, and
+    the 128,256-wide head is the largest matmul of a small model). The projection and the float32 softmax
+    run `chunk_tokens` at a time; under autograd each chunk is recomputed in backward instead of kept, so
+    an 8192 x 128256 row never holds its float32 logits at once.
     """
     batch, seq, dim = hidden.shape
-    flat_hidden, flat_labels = hidden.reshape(-1, dim), labels.reshape(-1)
+    flat_labels = labels.reshape(-1)
+    positions = (flat_labels != IGNORE_INDEX).nonzero().squeeze(1)
+    selected_hidden = hidden.reshape(-1, dim).index_select(0, positions)
+    selected_labels = flat_labels.index_select(0, positions)
     pieces = []
-    for start in range(0, flat_labels.numel(), chunk_tokens):
-        h, y = flat_hidden[start : start + chunk_tokens], flat_labels[start : start + chunk_tokens]
+    for start in range(0, positions.numel(), chunk_tokens):
+        h, y = selected_hidden[start : start + chunk_tokens], selected_labels[start : start + chunk_tokens]
         if torch.is_grad_enabled():
             pieces.append(checkpoint(_chunk_logprobs, h, output, y, use_reentrant=False))
         else:
             pieces.append(_chunk_logprobs(h, output, y))
-    return torch.cat(pieces).view(batch, seq)
+    logprobs = torch.zeros(batch * seq, dtype=torch.float32, device=hidden.device)
+    if not pieces:
+        # Nothing labelled (e.g. an all-padding row): still a result connected to every parameter, since
+        # under data parallelism each rank must run a full backward for the gradient collectives.
+        first = _chunk_logprobs(hidden.reshape(-1, dim)[:1], output, flat_labels.new_zeros(1))
+        return (logprobs + 0.0 * first.sum()).view(batch, seq)
+    return logprobs.index_put((positions,), torch.cat(pieces)).view(batch, seq)

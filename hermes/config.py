@@ -1,0 +1,250 @@
+"""Run configuration: one dataclass per TOML section, read from a file and `--section.key value` overrides.
+
+The defaults are the embedded tiny example, so a launch script with no arguments trains the tiny model on the
+bundled data. Unknown sections or keys, wrong types and values outside a key's choices are errors that name
+the key and what it accepts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+def _opt(default: Any, help: str, choices: tuple[Any, ...] = ()) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(
+            default_factory=lambda: type(default)(default), metadata={"help": help, "choices": choices}
+        )
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class RunConfig:
+    name: str = _opt("tiny-sft", "Run name; the run directory defaults to runs/<name>.")
+    dir: str = _opt("", "Run directory (config.toml, metrics.jsonl, checkpoints/); empty = runs/<name>.")
+    seed: int = _opt(0, "Seed of initialisation, shuffling and dropout.")
+
+
+@dataclass
+class ModelConfig:
+    preset: str = _opt(
+        "tiny",
+        "Model shape when starting fresh.",
+        ("tiny", "debug", "llama3.1-8b", "llama3.1-70b", "llama3.1-405b"),
+    )
+    checkpoint: str = _opt("", "Hugging Face or Meta checkpoint directory to fine-tune; empty = fresh init.")
+    dtype: str = _opt("float32", "Dtype of the master weights.", ("float32", "bfloat16"))
+    attention_backend: str = _opt("auto", "Attention kernel for packed rows (see hermes.model.attention).")
+
+
+@dataclass
+class TokenizerConfig:
+    path: str = _opt(
+        "", "tokenizer.model / tokenizer.json / directory; empty = the checkpoint's, else Llama 3's."
+    )
+
+
+@dataclass
+class DataConfig:
+    train: list[str] = _opt([], "Training JSONL files; empty = the bundled example.")
+    seq_len: int = _opt(1024, "Tokens per packed row.")
+    overlong: str = _opt("truncate", "What to do with a sample longer than seq_len.", ("truncate", "drop"))
+    min_tokens: int = _opt(0, "Drop samples with fewer tokens (0 = no minimum).")
+    max_tokens: int = _opt(0, "Drop samples with more tokens before packing (0 = no maximum).")
+    drop_refusals: bool = _opt(True, "Drop conversations whose assistant turns contain refusal phrases.")
+    mixture: dict[str, float] = _opt({}, "Category -> target share of tokens; empty = the data as it is.")
+    cache_dir: str = _opt("", "Where tokenized data is cached; empty = <run dir>/../.cache/tokenized.")
+
+
+@dataclass
+class OptimConfig:
+    name: str = _opt("adamw", "Optimizer.", ("adamw", "rmsprop"))
+    lr: float = _opt(1e-3, "Peak learning rate.")
+    weight_decay: float = _opt(0.01, "Decoupled weight decay (AdamW), on matrices only (not norms).")
+    betas: list[float] = _opt([0.9, 0.95], "AdamW betas.")
+    eps: float = _opt(1e-8, "Optimizer epsilon.")
+    warmup_steps: int = _opt(10, "Linear warmup steps from 0 to the peak learning rate.")
+    schedule: str = _opt("cosine", "Decay after warmup.", ("cosine", "linear", "constant"))
+    min_lr_ratio: float = _opt(0.0, "Final learning rate as a fraction of the peak.")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = _opt(3, "Passes over the data.")
+    max_steps: int = _opt(0, "Stop after this many optimizer steps (0 = when the epochs end).")
+    global_batch: int = _opt(8, "Packed rows per optimizer step, over all data-parallel ranks.")
+    micro_batch: int = _opt(2, "Packed rows per forward/backward on one rank.")
+    grad_clip: float = _opt(1.0, "Max global gradient norm (0 = no clipping).")
+    checkpoint_every: int = _opt(50, "Save a checkpoint every this many steps (0 = only at epoch ends).")
+    export_hf: bool = _opt(True, "Write a Hugging Face directory (<run dir>/hf) at the end.")
+
+
+@dataclass
+class ParallelConfig:
+    dp_replicate: int = _opt(1, "Data-parallel replicas (HSDP: usually the number of nodes).")
+    dp_shard: int = _opt(-1, "FSDP shard group size; -1 = the rest of the world.")
+    tp: int = _opt(1, "Tensor-parallel degree (inside a node).")
+    cpu_offload: bool = _opt(False, "Keep sharded parameters, gradients and optimizer states in CPU memory.")
+    activation_checkpointing: str = _opt(
+        "none", "Recompute activations in backward.", ("none", "full", "selective")
+    )
+    param_dtype: str = _opt("float32", "Dtype of compute (FSDP mixed precision).", ("float32", "bfloat16"))
+    reduce_dtype: str = _opt("float32", "Dtype of gradient reduction.", ("float32", "bfloat16"))
+    compile: bool = _opt(False, "torch.compile each transformer block.")
+
+
+@dataclass
+class LoraConfig:
+    rank: int = _opt(32, "LoRA rank r.")
+    alpha: float = _opt(16.0, "LoRA alpha (scale = alpha / r).")
+    dropout: float = _opt(0.05, "Dropout on the adapter input.")
+    targets: list[str] = _opt(["all-linear"], "Module names to adapt; all-linear = q/k/v/o/gate/up/down.")
+
+
+@dataclass
+class DpoConfig:
+    beta: float = _opt(0.1, "DPO temperature beta.")
+    label_smoothing: float = _opt(0.0, "Conservative DPO label smoothing.")
+    neftune_alpha: float = _opt(5.0, "NEFTune noise scale (0 = off).")
+
+
+@dataclass
+class LoggingConfig:
+    wandb: str = _opt("off", "Weights & Biases logging.", ("off", "offline", "online"))
+    progress: bool = _opt(True, "Progress bar on rank 0.")
+    log_every: int = _opt(1, "Print a metrics line every this many steps.")
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    dpo: DpoConfig = field(default_factory=DpoConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.dir or f"runs/{self.run.name}")
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps(dataclasses.asdict(self))
+
+
+class ConfigError(ValueError):
+    """A configuration file or override that names an unknown key or holds a wrong value."""
+
+
+def _coerce(key: str, value: Any, annotation: Any, choices: tuple[Any, ...]) -> Any:
+    origin = typing.get_origin(annotation)
+    if origin is list:
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} takes a list, got {value!r}")
+        (item_type,) = typing.get_args(annotation)
+        return [_coerce(key, v, item_type, ()) for v in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} takes a table such as {{a = 0.5, b = 0.5}}, got {value!r}")
+        return {str(k): _coerce(f"{key}.{k}", v, float, ()) for k, v in value.items()}
+    if annotation is bool and not isinstance(value, bool):
+        raise ConfigError(f"{key} takes true or false, got {value!r}")
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    wrong_type = not isinstance(value, annotation) or (annotation is int and isinstance(value, bool))
+    if annotation in (int, float, str) and wrong_type:
+        raise ConfigError(f"{key} takes {annotation.__name__}, got {value!r}")
+    if choices and value not in choices:
+        raise ConfigError(f"{key} = {value!r} is not one of {', '.join(map(repr, choices))}")
+    return value
+
+
+def _parse_override_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _apply(config: Config, section: str, key: str, value: Any) -> None:
+    sections = {f.name: f for f in dataclasses.fields(Config)}
+    if section not in sections:
+        raise ConfigError(f"Unknown config section [{section}]; sections are {', '.join(sections)}")
+    target = getattr(config, section)
+    fields = {f.name: f for f in dataclasses.fields(target)}
+    if key not in fields:
+        raise ConfigError(f"Unknown key {section}.{key}; [{section}] takes {', '.join(fields)}")
+    hints = typing.get_type_hints(type(target))
+    setattr(target, key, _coerce(f"{section}.{key}", value, hints[key], fields[key].metadata["choices"]))
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the TOML file at `path`, then `--section.key value` overrides (in order).
+
+    Raises:
+        ConfigError: unknown section or key, wrong type, value outside the choices, malformed override.
+        FileNotFoundError: `path` does not exist.
+    """
+    config = Config()
+    if path:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"Config file {path} not found; pass --config with an existing TOML file")
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"{path}: not valid TOML ({err})") from None
+        for section, table in data.items():
+            if not isinstance(table, dict):
+                raise ConfigError(f"{path}: top-level key {section!r} must be a [section] table")
+            for key, value in table.items():
+                try:
+                    _apply(config, section, key, value)
+                except ConfigError as err:
+                    raise ConfigError(f"{path}: {err}") from None
+    args = list(overrides or [])
+    while args:
+        flag = args.pop(0)
+        name = flag[2:] if flag.startswith("--") else ""
+        if "=" in name:
+            name, text = name.split("=", 1)
+        elif args:
+            text = args.pop(0)
+        else:
+            raise ConfigError(f"Override {flag} has no value; write --section.key value")
+        if name.count(".") != 1:
+            raise ConfigError(f"Override {flag!r} must look like --section.key value (e.g. --optim.lr 1e-5)")
+        section, key = name.split(".")
+        _apply(config, section, key, _parse_override_value(text))
+    return config
+
+
+def parse_args(argv: list[str]) -> Config:
+    """`[--config FILE] [--section.key value ...]` as given to a launch script."""
+    argv = list(argv)
+    path = None
+    if "--config" in argv:
+        i = argv.index("--config")
+        if i + 1 >= len(argv):
+            raise ConfigError("--config needs a TOML file path")
+        path = argv[i + 1]
+        del argv[i : i + 2]
+    return load_config(path, argv)

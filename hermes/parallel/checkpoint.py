@@ -1,0 +1,97 @@
+"""Distributed checkpoints (torch.distributed.checkpoint) with atomic publication and resume.
+
+A checkpoint is written to `step-N.partial/` and renamed to `step-N/` by rank 0 once every rank has
+finished and the trainer state and a COMPLETE marker are written, so a directory named `step-N` is always
+whole. Anything else in the checkpoints folder (a partial write left by a killed run, a step directory
+without its marker) is never loaded: it is reported and skipped. DCP stores each tensor's global shape, so
+a checkpoint written by N processes loads on M (another world size or mesh).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+COMPLETE_MARKER = "COMPLETE"
+TRAINER_STATE = "trainer.json"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def save_checkpoint(
+    directory: Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    trainer_state: dict[str, Any],
+) -> Path:
+    """Write model, optimizer, trainer state (JSON-able: scheduler, loader, counters) and every rank's RNG
+    to `directory/step-<step>`, atomically. Collective: every rank calls it."""
+    final = directory / f"step-{step}"
+    partial = directory / f"step-{step}.partial"
+    rank = dist.get_rank()
+    if rank == 0:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    dist.barrier()
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(partial))
+    rng_dir = partial / "rng"
+    rng_dir.mkdir(exist_ok=True)
+    torch.save(_rng_state(), rng_dir / f"rank-{rank}.pt")
+    dist.barrier()
+    if rank == 0:
+        (partial / TRAINER_STATE).write_text(json.dumps({"step": step, **trainer_state}, indent=1))
+        (partial / COMPLETE_MARKER).touch()
+        shutil.rmtree(final, ignore_errors=True)
+        partial.rename(final)
+    dist.barrier()
+    return final
+
+
+def latest_checkpoint(directory: Path) -> Path | None:
+    """The newest complete `step-N` directory, or None. Incomplete ones are reported and skipped."""
+    if not directory.is_dir():
+        return None
+    complete: list[tuple[int, Path]] = []
+    for path in directory.iterdir():
+        match = _STEP_DIR.match(path.name)
+        if match and (path / COMPLETE_MARKER).is_file():
+            complete.append((int(match.group(1)), path))
+        elif path.is_dir():
+            warnings.warn(
+                f"Ignoring incomplete checkpoint {path} (no {COMPLETE_MARKER} marker)", stacklevel=2
+            )
+    return max(complete)[1] if complete else None
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Load model and optimizer state in place (resharding to the current mesh) and this rank's RNG when
+    the checkpoint has it; returns the trainer state. Collective: every rank calls it."""
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optim": optim_state}
+    dcp.load(state, checkpoint_id=str(path))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    rng_file = path / "rng" / f"rank-{dist.get_rank()}.pt"
+    if rng_file.is_file():
+        rng = torch.load(rng_file, weights_only=True)
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+    return json.loads((path / TRAINER_STATE).read_text())

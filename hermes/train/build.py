@@ -1,0 +1,149 @@
+"""Builders the launch scripts share: the distributed environment, tokenizer, data, model (sharded),
+optimizer and schedule, and the final export."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
+
+from hermes.config import Config
+from hermes.data.chat import ChatFormat
+from hermes.data.dataset import TokenizedDataset
+from hermes.data.loader import PackedLoader, StepBatch
+from hermes.data.pipeline import prepare_sft_dataset
+from hermes.data.tokenizer import Tokenizer
+from hermes.model import Llama, LlamaConfig
+from hermes.parallel.fsdp import DTYPES, apply_fsdp
+from hermes.parallel.mesh import ParallelDims, build_mesh, device_type, dp_rank, fsdp_mesh, init_distributed
+from hermes.train.metrics import training_flops
+from hermes.train.optim import build_optimizer, build_scheduler
+
+
+@dataclass
+class Environment:
+    rank: int
+    dims: ParallelDims
+    mesh: DeviceMesh
+    device: torch.device
+    chat: ChatFormat
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.chat.tokenizer
+
+
+def environment(config: Config) -> Environment:
+    """Join the process group, check and build the mesh, seed every RNG."""
+    rank = init_distributed()
+    p = config.parallel
+    dims = ParallelDims(p.dp_replicate, p.dp_shard, p.tp, dist.get_world_size())
+    mesh = build_mesh(dims)
+    device = torch.device(device_type(), torch.cuda.current_device() if device_type() == "cuda" else None)
+    torch.manual_seed(config.run.seed)
+    return Environment(rank, dims, mesh, device, chat_format(config))
+
+
+def chat_format(config: Config) -> ChatFormat:
+    """The tokenizer (tokenizer.path, else the checkpoint's own, else Llama 3's) with the Hermes tags, their
+    ids read from the checkpoint's tokenizer_config.json when it has one."""
+    checkpoint = Path(config.model.checkpoint) if config.model.checkpoint else None
+    if config.tokenizer.path:
+        tokenizer = Tokenizer.from_file(config.tokenizer.path)
+    elif checkpoint and any((checkpoint / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
+        tokenizer = Tokenizer.from_file(checkpoint)
+    else:
+        tokenizer = Tokenizer.default()
+    tokenizer_config = checkpoint / "tokenizer_config.json" if checkpoint else None
+    if tokenizer_config is not None and not tokenizer_config.is_file():
+        tokenizer_config = None
+    return ChatFormat(tokenizer, tokenizer_config=tokenizer_config)
+
+
+def sft_dataset(config: Config, env: Environment) -> TokenizedDataset:
+    """Rank 0 tokenizes (or finds the cache); every rank then memory-maps the same arrays."""
+    cache_root = (
+        Path(config.data.cache_dir)
+        if config.data.cache_dir
+        else config.run_dir.parent / ".cache" / "tokenized"
+    )
+    directory = [None]
+    if env.rank == 0:
+        directory[0] = str(
+            prepare_sft_dataset(env.chat, config.data, config.run.seed, cache_root, config.run_dir)
+        )
+    dist.broadcast_object_list(directory, src=0)
+    return TokenizedDataset.load(Path(directory[0]))
+
+
+def loader(config: Config, env: Environment, dataset) -> PackedLoader:
+    return PackedLoader(
+        dataset,
+        seq_len=config.data.seq_len,
+        global_batch=config.train.global_batch,
+        micro_batch=config.train.micro_batch,
+        dp_rank=dp_rank(env.mesh),
+        dp_size=env.dims.dp_size,
+        seed=config.run.seed,
+        pad_id=env.tokenizer.pad_id,
+    )
+
+
+def model(config: Config, env: Environment) -> Llama:
+    """The model from a checkpoint or freshly initialised (identically on every rank), then sharded."""
+    dtype = DTYPES[config.model.dtype]
+    if config.model.checkpoint:
+        from hermes.model.hf import load_pretrained
+
+        net = load_pretrained(config.model.checkpoint, device="cpu", dtype=dtype)
+    else:
+        torch.manual_seed(config.run.seed)
+        net = Llama(LlamaConfig.preset(config.model.preset)).to(dtype)
+    net.set_attention_backend(config.model.attention_backend)
+    net.to(env.device)
+    p = config.parallel
+    return apply_fsdp(net, fsdp_mesh(env.mesh), p.param_dtype, p.reduce_dtype, p.cpu_offload)
+
+
+def optimization(config: Config, net: torch.nn.Module, data: PackedLoader):
+    """Optimizer, schedule, and the number of optimizer steps the run takes."""
+    total = data.steps_per_epoch * config.train.epochs
+    if config.train.max_steps:
+        total = min(total, config.train.max_steps)
+    optimizer = build_optimizer(net, config.optim)
+    return optimizer, build_scheduler(optimizer, config.optim, total), total
+
+
+def flops_counter(model_config: LlamaConfig) -> Callable[[StepBatch], float] | None:
+    """FLOPs of a global batch for MFU, on GPU only (CPU has no meaningful peak)."""
+    if device_type() != "cuda":
+        return None
+    return lambda batch: training_flops(model_config, batch.global_sample_lengths)
+
+
+def write_resolved_config(config: Config) -> Path:
+    """Write config.toml (the resolved configuration) into the run directory (rank 0)."""
+    path = config.run_dir / "config.toml"
+    if dist.get_rank() == 0:
+        config.run_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(config.to_toml())
+    dist.barrier()
+    return path
+
+
+def export(config: Config, net: torch.nn.Module) -> Path | None:
+    """Write the trained model as a Hugging Face directory (<run dir>/hf) when train.export_hf is set.
+    Collective: shards are gathered one tensor at a time and rank 0 writes."""
+    if not config.train.export_hf:
+        return None
+    from hermes.model.hf import save_pretrained
+
+    directory = config.run_dir / "hf"
+    save_pretrained(net, directory)
+    if dist.get_rank() == 0:
+        print(f"Exported the model to {directory}", flush=True)
+    return directory

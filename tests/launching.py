@@ -1,0 +1,65 @@
+"""Starting real multi-process runs of the launch scripts (torchrun, gloo on CPU) from tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+
+
+def small_sft_data(path: Path, records: int = 80) -> Path:
+    """The first `records` lines of the bundled SFT example."""
+    from hermes.data.pipeline import bundled_example
+
+    lines = bundled_example("sft.jsonl").read_text().splitlines()[:records]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def debug_overrides(run_dir: Path, data: Path, cache: Path, steps: int) -> list[str]:
+    """A few fast steps of the debug-size model on `data`."""
+    return [
+        "--run.dir", str(run_dir),
+        "--model.preset", "debug",
+        "--data.train", str(data),
+        "--data.cache_dir", str(cache),
+        "--data.seq_len", "256",
+        "--train.global_batch", "4",
+        "--train.micro_batch", "1",
+        "--train.max_steps", str(steps),
+        "--train.checkpoint_every", "2",
+        "--train.export_hf", "false",
+        "--optim.warmup_steps", "2",
+        "--optim.lr", "3e-3",
+        "--logging.progress", "false",
+    ]  # fmt: skip
+
+
+def torchrun_command(script: str, nproc: int, args: list[str]) -> list[str]:
+    return [*TORCHRUN, "--standalone", "--nproc_per_node", str(nproc), str(REPO / "launch" / script), *args]
+
+
+def run_launch(script: str, nproc: int, args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        torchrun_command(script, nproc, args),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=REPO,
+    )
+    if result.returncode != 0:
+        raise AssertionError(
+            f"{script} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+        )
+    return result
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -1,0 +1,106 @@
+"""End-to-end SFT runs through launch/sft.py with real gloo processes."""
+
+import itertools
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from tests.launching import debug_overrides, metrics, run_launch, small_sft_data, torchrun_command
+
+pytestmark = pytest.mark.slow
+
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sft")
+    return root, small_sft_data(root / "data.jsonl"), root / "cache"
+
+
+@pytest.fixture(scope="module")
+def single_process_run(workspace):
+    root, data, cache = workspace
+    run_launch("sft.py", 1, debug_overrides(root / "one", data, cache, STEPS))
+    return root / "one"
+
+
+def test_run_directory_holds_config_metrics_checkpoints_and_filter_summary(single_process_run):
+    records = metrics(single_process_run)
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+    for key in ("step", "epoch", "loss", "lr", "grad_norm", "tokens", "tokens_per_s"):
+        assert key in records[0]
+    assert records[-1]["loss"] < records[0]["loss"]
+    assert (single_process_run / "config.toml").read_text().count('preset = "debug"') == 1
+    assert (single_process_run / "filter_summary.json").is_file()
+    saved = {p.name for p in (single_process_run / "checkpoints").iterdir()}
+    epoch_ends = {f"step-{a['step']}" for a, b in itertools.pairwise(records) if b["epoch"] != a["epoch"]}
+    assert (
+        epoch_ends and saved == {"step-2", "step-4", "step-6"} | epoch_ends
+    )  # every 2 steps and each epoch end
+
+
+def test_two_process_fsdp_gives_the_losses_of_one_process(workspace, single_process_run):
+    root, data, cache = workspace
+    run_launch("sft.py", 2, debug_overrides(root / "two", data, cache, STEPS))
+    one, two = metrics(single_process_run), metrics(root / "two")
+    assert [r["tokens"] for r in one] == [r["tokens"] for r in two]
+    for a, b in zip(one, two):
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-5, rel=1e-5)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+
+
+def _kill_after_checkpoint(args, nproc, checkpoint):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        torchrun_command("sft.py", nproc, args),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 240
+    while not (checkpoint / "COMPLETE").exists():
+        assert proc.poll() is None, "the run ended before writing its checkpoint"
+        assert time.monotonic() < deadline, "no checkpoint within the time limit"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+@pytest.mark.parametrize(("first_nproc", "second_nproc"), [(2, 2), (2, 1)])
+def test_a_killed_run_resumes_with_the_losses_of_an_uninterrupted_run(
+    workspace, single_process_run, first_nproc, second_nproc
+):
+    root, data, cache = workspace
+    run_dir = root / f"killed-{first_nproc}-{second_nproc}"
+    args = debug_overrides(run_dir, data, cache, STEPS)
+    _kill_after_checkpoint(args, first_nproc, run_dir / "checkpoints" / "step-2")
+    result = run_launch("sft.py", second_nproc, args)
+    assert "Resuming from" in result.stdout
+    resumed, reference = metrics(run_dir), metrics(single_process_run)
+    assert [r["step"] for r in resumed] == list(range(1, STEPS + 1))
+    for a, b in zip(reference[2:], resumed[2:]):
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-5, rel=1e-5)
+
+
+def test_an_incomplete_checkpoint_is_ignored_with_a_warning(workspace, single_process_run):
+    import shutil
+
+    root, data, cache = workspace
+    run_dir = root / "incomplete"
+    shutil.copytree(single_process_run / "checkpoints" / "step-2", run_dir / "checkpoints" / "step-2")
+    broken = run_dir / "checkpoints" / "step-4"
+    shutil.copytree(single_process_run / "checkpoints" / "step-4", broken)
+    (broken / "COMPLETE").unlink()
+    (run_dir / "metrics.jsonl").write_text(
+        "".join(line + "\n" for line in (single_process_run / "metrics.jsonl").read_text().splitlines()[:4])
+    )
+    result = run_launch("sft.py", 1, debug_overrides(run_dir, data, cache, STEPS))
+    assert "Ignoring incomplete checkpoint" in result.stderr and "step-4" in result.stderr
+    assert "Resuming from" in result.stdout and "step-2" in result.stdout
+    for a, b in zip(metrics(single_process_run)[2:], metrics(run_dir)[2:]):
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-5, rel=1e-5)
