@@ -1,0 +1,116 @@
+"""The SFT loss is the mean over every labelled token of the global batch, however it is split."""
+
+import os
+import random
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from hermes.data.dataset import TokenizedDataset
+from hermes.data.loader import PackedLoader
+from hermes.data.packing import PackedBatch
+from hermes.data.sample import IGNORE_INDEX, Sample
+from hermes.model import Llama, LlamaConfig
+from hermes.train.losses import segment_sums, sft_loss
+from hermes.train.sft import sft_step
+
+CONFIG = LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, hidden_dim=64)
+SEQ, ROWS = 48, 4
+
+
+def _samples():
+    rng = random.Random(0)
+    samples = []
+    for _ in range(14):
+        n = rng.randint(4, 20)
+        tokens = [rng.randrange(CONFIG.vocab_size) for _ in range(n)]
+        cut = rng.randint(1, n - 1)  # prompt length: labels only after it
+        samples.append(Sample(tokens, [IGNORE_INDEX] * cut + tokens[cut:]))
+    return samples
+
+
+def _model():
+    torch.manual_seed(0)
+    return Llama(CONFIG)
+
+
+def _one_pass_reference(dataset):
+    """The global batch of step 0 as ONE forward over all its rows: mean NLL over labelled tokens."""
+    loader = PackedLoader(dataset, SEQ, ROWS, ROWS, 0, 1, seed=0, pad_id=0)
+    [batch] = loader.next_batch().micro_batches
+    model = _model()
+    logits = model(batch.tokens, position_ids=batch.position_ids, cu_seqlens=batch.cu_seqlens)
+    loss = torch.nn.functional.cross_entropy(
+        logits.flatten(0, 1), batch.labels.flatten(), ignore_index=IGNORE_INDEX
+    )
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _worker(rank, world, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from hermes.parallel.fsdp import apply_fsdp
+
+    dataset = TokenizedDataset.from_samples(_samples())
+    loader = PackedLoader(dataset, SEQ, ROWS, ROWS // world, rank, world, seed=0, pad_id=0)
+    model = apply_fsdp(_model(), init_device_mesh("cpu", (world,)))
+    sums = sft_step(model, loader.next_batch(), dp_size=world)
+    loss = sums["loss"].clone()
+    dist.all_reduce(loss)
+    grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
+    if rank == 0:
+        torch.save({"loss": loss.item(), "grads": grads}, out)
+    dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("ranks", "micro_batches"), [(1, 4), (2, 2), (4, 1)])
+def test_any_split_into_ranks_and_micro_batches_gives_the_one_pass_loss_and_gradients(
+    tmp_path, ranks, micro_batches
+):
+    assert ranks * micro_batches == ROWS
+    expected_loss, expected_grads = _one_pass_reference(TokenizedDataset.from_samples(_samples()))
+    out = tmp_path / "result.pt"
+    mp.start_processes(_worker, args=(ranks, _free_port(), out), nprocs=ranks, start_method="spawn")
+    result = torch.load(out)
+    assert result["loss"] == pytest.approx(expected_loss, rel=1e-5)
+    for name, grad in expected_grads.items():
+        torch.testing.assert_close(result["grads"][name], grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_every_labelled_token_weighs_one_over_the_global_count_whatever_its_row_mates():
+    rows = [
+        [Sample([1, 2, 3], [IGNORE_INDEX, 2, 3]), Sample([4] * 30, [4] * 30)],
+        [Sample([5, 6], [IGNORE_INDEX, 6])],
+    ]
+    batch = PackedBatch.from_rows(rows, 40, 0)
+    logprobs = torch.zeros(batch.labels.shape, requires_grad=True)
+    loss = sft_loss(logprobs, batch.num_labelled)
+    loss.backward()
+    labelled = batch.labels != IGNORE_INDEX
+    assert batch.num_labelled == 2 + 29 + 1
+    assert torch.all(logprobs.grad[labelled] == -1 / 32)  # a per-row or per-micro-batch mean would differ
+
+
+def test_a_global_batch_without_labels_is_an_error():
+    with pytest.raises(ValueError, match="no labelled token"):
+        sft_loss(torch.zeros(1, 4), 0)
+
+
+def test_segment_sums_add_each_sample_separately():
+    values = torch.arange(12, dtype=torch.float32).view(2, 6)
+    cu = torch.tensor([0, 2, 6, 9, 12], dtype=torch.int32)
+    assert segment_sums(values, cu).tolist() == [0 + 1, 2 + 3 + 4 + 5, 6 + 7 + 8, 9 + 10 + 11]
