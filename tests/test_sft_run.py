@@ -104,3 +104,40 @@ def test_an_incomplete_checkpoint_is_ignored_with_a_warning(workspace, single_pr
     assert "Resuming from" in result.stdout and "step-2" in result.stdout
     for a, b in zip(metrics(single_process_run)[2:], metrics(run_dir)[2:]):
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-5, rel=1e-5)
+
+
+def test_sigterm_saves_a_checkpoint_at_the_step_boundary_and_exits_cleanly(workspace):
+    root, data, cache = workspace
+    run_dir = root / "preempted"
+    args = debug_overrides(run_dir, data, cache, 1000)
+    proc = subprocess.Popen(
+        torchrun_command("sft.py", 2, args),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 240
+    while not (run_dir / "metrics.jsonl").exists() or not (run_dir / "metrics.jsonl").read_text().strip():
+        assert proc.poll() is None and time.monotonic() < deadline, "the run did not start training"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert "SIGTERM received: checkpoint saved at step" in output
+    last = metrics(run_dir)[-1]["step"]
+    assert last < 1000 and (run_dir / "checkpoints" / f"step-{last}" / "COMPLETE").is_file()
+
+
+def test_a_non_finite_loss_stops_the_run_with_a_clear_message(workspace):
+    root, data, cache = workspace
+    args = [
+        *debug_overrides(root / "diverged", data, cache, 30),
+        "--optim.lr",
+        "1e8",
+        "--train.grad_clip",
+        "0",
+    ]
+    with pytest.raises(AssertionError) as failure:
+        run_launch("sft.py", 1, args)
+    assert "NonFiniteLossError" in str(failure.value) and "stopping before the update" in str(failure.value)
