@@ -59,7 +59,7 @@ class TokenizerConfig:
 @dataclass
 class DataConfig:
     train: list[str] = _opt([], "Training JSONL files; empty = the bundled example.")
-    seq_len: int = _opt(1024, "Tokens per packed row.")
+    seq_len: int = _opt(512, "Tokens per packed row.")
     overlong: str = _opt("truncate", "What to do with a sample longer than seq_len.", ("truncate", "drop"))
     min_tokens: int = _opt(0, "Drop samples with fewer tokens (0 = no minimum).")
     max_tokens: int = _opt(0, "Drop samples with more tokens before packing (0 = no maximum).")
@@ -71,11 +71,11 @@ class DataConfig:
 @dataclass
 class OptimConfig:
     name: str = _opt("adamw", "Optimizer.", ("adamw", "rmsprop"))
-    lr: float = _opt(1e-3, "Peak learning rate.")
+    lr: float = _opt(2e-3, "Peak learning rate.")
     weight_decay: float = _opt(0.01, "Decoupled weight decay (AdamW), on matrices only (not norms).")
-    betas: list[float] = _opt([0.9, 0.95], "AdamW betas.")
+    betas: list[float] = _opt([0.9, 0.999], "AdamW betas.")
     eps: float = _opt(1e-8, "Optimizer epsilon.")
-    warmup_steps: int = _opt(10, "Linear warmup steps from 0 to the peak learning rate.")
+    warmup_steps: int = _opt(5, "Linear warmup steps from 0 to the peak learning rate.")
     schedule: str = _opt("cosine", "Decay after warmup.", ("cosine", "linear", "constant"))
     min_lr_ratio: float = _opt(0.0, "Final learning rate as a fraction of the peak.")
 
@@ -83,11 +83,11 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     epochs: int = _opt(3, "Passes over the data.")
-    max_steps: int = _opt(0, "Stop after this many optimizer steps (0 = when the epochs end).")
-    global_batch: int = _opt(8, "Packed rows per optimizer step, over all data-parallel ranks.")
+    max_steps: int = _opt(40, "Stop after this many optimizer steps (0 = when the epochs end).")
+    global_batch: int = _opt(4, "Packed rows per optimizer step, over all data-parallel ranks.")
     micro_batch: int = _opt(2, "Packed rows per forward/backward on one rank.")
     grad_clip: float = _opt(1.0, "Max global gradient norm (0 = no clipping).")
-    checkpoint_every: int = _opt(50, "Save a checkpoint every this many steps (0 = only at epoch ends).")
+    checkpoint_every: int = _opt(20, "Save a checkpoint every this many steps (0 = only at epoch ends).")
     export_hf: bool = _opt(True, "Write a Hugging Face directory (<run dir>/hf) at the end.")
 
 
