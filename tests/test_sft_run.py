@@ -24,7 +24,7 @@ def workspace(tmp_path_factory):
 @pytest.fixture(scope="module")
 def single_process_run(workspace):
     root, data, cache = workspace
-    run_launch("sft.py", 1, debug_overrides(root / "one", data, cache, STEPS))
+    run_launch("sft.py", 1, [*debug_overrides(root / "one", data, cache, STEPS), "--train.export_hf", "true"])
     return root / "one"
 
 
@@ -43,10 +43,15 @@ def test_run_directory_holds_config_metrics_checkpoints_and_filter_summary(singl
     )  # every 2 steps and each epoch end
 
 
-def test_two_process_fsdp_gives_the_losses_of_one_process(workspace, single_process_run):
+@pytest.fixture(scope="module")
+def two_process_run(workspace):
     root, data, cache = workspace
-    run_launch("sft.py", 2, debug_overrides(root / "two", data, cache, STEPS))
-    one, two = metrics(single_process_run), metrics(root / "two")
+    run_launch("sft.py", 2, [*debug_overrides(root / "two", data, cache, STEPS), "--train.export_hf", "true"])
+    return root / "two"
+
+
+def test_two_process_fsdp_gives_the_losses_of_one_process(single_process_run, two_process_run):
+    one, two = metrics(single_process_run), metrics(two_process_run)
     assert [r["tokens"] for r in one] == [r["tokens"] for r in two]
     for a, b in zip(one, two):
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-5, rel=1e-5)
@@ -141,3 +146,24 @@ def test_a_non_finite_loss_stops_the_run_with_a_clear_message(workspace):
     with pytest.raises(AssertionError) as failure:
         run_launch("sft.py", 1, args)
     assert "NonFiniteLossError" in str(failure.value) and "stopping before the update" in str(failure.value)
+
+
+def test_the_export_gathered_from_fsdp_shards_loads_in_transformers_with_hermes_logits(
+    workspace, single_process_run
+):
+    import torch
+    import transformers
+
+    from hermes.model.hf import load_pretrained
+
+    root, _, _ = workspace
+    two = root / "two"  # written by the two-process test above
+    if not (two / "hf").is_dir():
+        pytest.skip("needs the two-process run")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(two / "hf", torch_dtype=torch.float32).eval()
+    ours = load_pretrained(two / "hf").eval()
+    tokens = torch.randint(0, 128256, (1, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(tokens).logits, ours(tokens), atol=1e-5, rtol=1e-5)
+        single = load_pretrained(single_process_run / "hf").eval()
+        torch.testing.assert_close(single(tokens), ours(tokens), atol=1e-4, rtol=1e-4)
