@@ -1,5 +1,6 @@
 """The SFT loss is the mean over every labelled token of the global batch, however it is split."""
 
+import math
 import os
 import random
 import socket
@@ -8,13 +9,14 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 
 from hermes.data.dataset import TokenizedDataset
 from hermes.data.loader import PackedLoader
 from hermes.data.packing import PackedBatch
 from hermes.data.sample import IGNORE_INDEX, Sample
 from hermes.model import Llama, LlamaConfig
-from hermes.train.losses import segment_sums, sft_loss
+from hermes.train.losses import dpo_loss, segment_sums, sft_loss
 from hermes.train.sft import sft_step
 
 CONFIG = LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, hidden_dim=64)
@@ -114,3 +116,40 @@ def test_segment_sums_add_each_sample_separately():
     values = torch.arange(12, dtype=torch.float32).view(2, 6)
     cu = torch.tensor([0, 2, 6, 9, 12], dtype=torch.int32)
     assert segment_sums(values, cu).tolist() == [0 + 1, 2 + 3 + 4 + 5, 6 + 7 + 8, 9 + 10 + 11]
+
+
+def test_dpo_loss_matches_a_hand_worked_pair():
+    # r_w = 0.1 * (-10 - -12) = 0.2; r_l = 0.1 * (-20 - -19) = -0.1; margin 0.3
+    # loss = -log(sigmoid(0.3)) = log(1 + e^-0.3) = 0.554355...
+    loss, metrics = dpo_loss(
+        torch.tensor([-10.0]), torch.tensor([-20.0]), torch.tensor([-12.0]), torch.tensor([-19.0]), beta=0.1
+    )
+    assert loss.item() == pytest.approx(math.log(1 + math.exp(-0.3)), rel=1e-6)
+    assert metrics["rewards/chosen"].item() == pytest.approx(0.2)
+    assert metrics["rewards/rejected"].item() == pytest.approx(-0.1)
+    assert metrics["rewards/margins"].item() == pytest.approx(0.3)
+    assert metrics["rewards/accuracies"].item() == 1.0
+
+
+def _trl_sigmoid_dpo(pc, pr, rc, rr, beta, smoothing):
+    """TRL's formula, written independently: logits = (pc - pr) - (rc - rr)."""
+    logits = (pc - pr) - (rc - rr)
+    return (-F.logsigmoid(beta * logits) * (1 - smoothing) - F.logsigmoid(-beta * logits) * smoothing).mean()
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+def test_dpo_loss_equals_trls_formula(smoothing):
+    g = torch.Generator().manual_seed(0)
+    pc, pr, rc, rr = (torch.randn(16, generator=g) * 20 for _ in range(4))
+    loss, metrics = dpo_loss(pc, pr, rc, rr, beta=0.3, label_smoothing=smoothing)
+    torch.testing.assert_close(loss, _trl_sigmoid_dpo(pc, pr, rc, rr, 0.3, smoothing))
+    assert metrics["rewards/accuracies"].item() == pytest.approx(
+        ((pc - rc) > (pr - rr)).float().mean().item()
+    )
+
+
+def test_dpo_loss_is_ln2_with_zero_rewards_when_policy_equals_reference():
+    logps = torch.tensor([-5.0, -7.0, -3.0])
+    loss, metrics = dpo_loss(logps, logps + 1, logps, logps + 1, beta=0.1)
+    assert loss.item() == pytest.approx(math.log(2))
+    assert all(metrics[k].item() == 0 for k in ("rewards/chosen", "rewards/rejected", "rewards/margins"))

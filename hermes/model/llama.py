@@ -166,15 +166,14 @@ class Llama(nn.Module):
         position_ids: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
         max_seqlen: int | None = None,
-        input_embeddings: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Final normalised hidden states [batch, seq, dim]; `input_embeddings` replaces the lookup."""
+        """Final normalised hidden states [batch, seq, dim]."""
         batch, seq = tokens.shape
         if position_ids is None:
             if cu_seqlens is not None:
                 raise ValueError("packed rows (cu_seqlens) need position_ids that restart at each sample")
             position_ids = torch.arange(seq, device=tokens.device).expand(batch, seq)
-        h = self.tok_embeddings(tokens) if input_embeddings is None else input_embeddings
+        h = self.tok_embeddings(tokens)
         freqs = rope_frequencies(
             self.config.attention_head_dim,
             self.config.rope_theta,
@@ -193,7 +192,6 @@ class Llama(nn.Module):
         cu_seqlens: torch.Tensor | None = None,
         max_seqlen: int | None = None,
         labels: torch.Tensor | None = None,
-        input_embeddings: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits [batch, seq, vocab], or, given `labels`, their log-probabilities.
 
@@ -205,10 +203,8 @@ class Llama(nn.Module):
             labels: [batch, seq] target ids, already shifted (the target of position t), IGNORE_INDEX where
                 untrained. When given, the result is the float32 log-probability of each target, [batch, seq]
                 (0 where ignored), computed in chunks so full float32 logits never exist at once.
-            input_embeddings: [batch, seq, dim] to use instead of the embedding lookup (e.g. with NEFTune
-                noise added).
         """
-        hidden = self.hidden_states(tokens, position_ids, cu_seqlens, max_seqlen, input_embeddings)
+        hidden = self.hidden_states(tokens, position_ids, cu_seqlens, max_seqlen)
         if labels is None:
             return self.output(hidden)
         return label_logprobs(hidden, self.output, labels)
