@@ -106,3 +106,22 @@ def test_a_resumed_state_from_another_seed_is_refused():
     [loader] = _loaders(dataset, 1, seed=1)
     with pytest.raises(ValueError, match="seed 5"):
         loader.load_state_dict({"epoch": 1, "step_in_epoch": 0, "seed": 5})
+
+
+def test_grouped_samples_stay_together_and_in_order_in_one_row():
+    samples, dataset = _dataset(n=60)  # 30 units of two samples
+    for world in (1, 2):
+        loaders = [PackedLoader(dataset, 64, 4, 1, r, world, 0, PAD, group_size=2) for r in range(world)]
+        seen = []
+        for _ in range(loaders[0].steps_per_epoch):
+            for loader in loaders:
+                for micro in loader.next_batch().micro_batches:
+                    for r, lengths in enumerate(micro.row_lengths):
+                        start, row = 0, []
+                        for n in lengths:
+                            row.append(tuple(micro.tokens[r, start : start + n].tolist()))
+                            start += n
+                        assert len(row) % 2 == 0
+                        seen += [(row[i], row[i + 1]) for i in range(0, len(row), 2)]
+        expected = [(tuple(samples[i].tokens), tuple(samples[i + 1].tokens)) for i in range(0, 60, 2)]
+        assert sorted(seen) == sorted(expected)

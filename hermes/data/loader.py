@@ -58,6 +58,8 @@ class PackedLoader:
         dp_rank, dp_size: this rank's index among the data-parallel ranks, and their number.
         seed: shuffling seed.
         pad_id: token id of pad slots.
+        group_size: samples that travel together: samples k*group_size ... (k+1)*group_size - 1 are one unit,
+            packed into the same row in order (DPO: a pair's chosen and rejected sequences).
     """
 
     def __init__(
@@ -70,6 +72,7 @@ class PackedLoader:
         dp_size: int,
         seed: int,
         pad_id: int,
+        group_size: int = 1,
     ) -> None:
         if len(samples) == 0:
             raise ValueError("No training samples: every record was filtered out (see filter_summary.json)")
@@ -78,12 +81,16 @@ class PackedLoader:
                 f"train.global_batch ({global_batch}) must be a multiple of data-parallel ranks x micro_batch "
                 f"({dp_size} x {micro_batch} = {dp_size * micro_batch})"
             )
-        too_long = np.flatnonzero(samples.lengths > seq_len)
+        if len(samples) % group_size:
+            raise ValueError(f"{len(samples)} samples do not split into groups of {group_size}")
+        self.unit_lengths = samples.lengths.reshape(-1, group_size).sum(axis=1)
+        too_long = np.flatnonzero(self.unit_lengths > seq_len)
         if len(too_long):
             raise ValueError(
-                f"{len(too_long)} samples exceed seq_len {seq_len} (first: #{too_long[0]}); truncate or drop them first"
+                f"{len(too_long)} samples (or groups of {group_size}) exceed seq_len {seq_len} "
+                f"(first: #{too_long[0]}); truncate or drop them first"
             )
-        self.samples = samples
+        self.samples, self.group_size = samples, group_size
         self.lengths = samples.lengths
         self.seq_len, self.global_batch, self.micro_batch = seq_len, global_batch, micro_batch
         self.dp_rank, self.dp_size, self.seed, self.pad_id = dp_rank, dp_size, seed, pad_id
@@ -94,9 +101,10 @@ class PackedLoader:
     def _plan(self) -> list[list[int]]:
         """Rows of sample indices for the current epoch, in training order."""
         if self._plan_epoch != self.epoch:
-            order = _rng(self.seed, self.epoch, 0).permutation(len(self.samples))
-            bins = pack_lengths(self.lengths[order].tolist(), self.seq_len)
-            rows = [[int(order[i]) for i in b] for b in bins]
+            order = _rng(self.seed, self.epoch, 0).permutation(len(self.unit_lengths))
+            bins = pack_lengths(self.unit_lengths[order].tolist(), self.seq_len)
+            g = self.group_size
+            rows = [[int(order[i]) * g + j for i in b for j in range(g)] for b in bins]
             row_order = _rng(self.seed, self.epoch, 1).permutation(len(rows))
             self._rows = [rows[i] for i in row_order]
             self._plan_epoch = self.epoch
