@@ -111,7 +111,7 @@ def test_a_resumed_state_from_another_seed_is_refused():
 def test_grouped_samples_stay_together_and_in_order_in_one_row():
     samples, dataset = _dataset(n=60)  # 30 units of two samples
     for world in (1, 2):
-        loaders = [PackedLoader(dataset, 64, 4, 1, r, world, 0, PAD, group_size=2) for r in range(world)]
+        loaders = [PackedLoader(dataset, 128, 4, 1, r, world, 0, PAD, group_size=2) for r in range(world)]
         seen = []
         for _ in range(loaders[0].steps_per_epoch):
             for loader in loaders:
