@@ -254,3 +254,18 @@ def test_to_moves_every_tensor() -> None:
     for tensor in (batch.tokens, batch.labels, batch.position_ids, batch.cu_seqlens):
         assert tensor.device.type == "meta"
     assert batch.row_lengths == ((3, 4), (8,), (), (1, 2))
+
+
+def test_sample_segments_pick_each_sample_sum_out_of_the_segment_sums():
+    from hermes.train.losses import segment_sums
+
+    rows = [
+        [Sample([1, 2], [1, 2]), Sample([4, 5], [4, 5])],  # a pad tail follows
+        [Sample([6, 7, 8, 9, 10], [6, 7, 8, 9, 10])],  # fills the row: no pad segment
+        [],
+        [Sample([11], [11])],
+    ]
+    batch = PackedBatch.from_rows(rows, 5, pad_id=0)
+    sums = segment_sums(batch.tokens.float(), batch.cu_seqlens)
+    picked = [sums[i].item() for i in batch.sample_segments]
+    assert picked == [1 + 2, 4 + 5, 6 + 7 + 8 + 9 + 10, 11]

@@ -341,6 +341,16 @@ class PackedBatch:
         """Positions that carry a target (label != IGNORE_INDEX)."""
         return int((self.labels != IGNORE_INDEX).sum())
 
+    @property
+    def sample_segments(self) -> list[int]:
+        """Index, among the segments of `cu_seqlens`, of every sample in order (pad tails skipped): turns
+        per-segment sums (hermes.train.losses.segment_sums) into per-sample values."""
+        indices, segment = [], 0
+        for lengths in self.row_lengths:
+            indices.extend(range(segment, segment + len(lengths)))
+            segment += len(lengths) + (sum(lengths) < self.seq_len)
+        return indices
+
     def select(self, row_indices: Sequence[int]) -> PackedBatch:
         """The sub-batch of the given rows, in the given order, with `cu_seqlens` and `max_seqlen` rebuilt."""
         picked = [int(r) for r in row_indices]
