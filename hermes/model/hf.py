@@ -1,0 +1,494 @@
+"""Hugging Face and Meta checkpoint formats <-> hermes (whose parameter names are Meta's).
+
+Written: the Hugging Face layout that `transformers.AutoModelForCausalLM.from_pretrained` reads —
+config.json plus safetensors in Hugging Face names, dtype preserved. A model that fits in one shard is
+written as a single `model.safetensors` (as transformers does); a larger one as
+`model-0000K-of-0000M.safetensors` shards plus `model.safetensors.index.json`.
+
+Read: that layout (single file or index + shards), and Meta's original one (params.json plus
+`consolidated.NN.pth` model-parallel shards, whose q/k rows rotate interleaved pairs and are permuted here
+to the halves that hermes and Hugging Face rotate).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from hermes.model.config import LlamaConfig
+from hermes.model.llama import Llama
+
+CONFIG_FILE = "config.json"
+SAFETENSORS_FILE = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+META_PARAMS_FILE = "params.json"
+META_SHARD_PATTERN = "consolidated.*.pth"
+
+# Per block: hermes (= Meta) module -> Hugging Face module.
+_BLOCK_TO_HF = {
+    "attention.wq": "self_attn.q_proj",
+    "attention.wk": "self_attn.k_proj",
+    "attention.wv": "self_attn.v_proj",
+    "attention.wo": "self_attn.o_proj",
+    "feed_forward.w1": "mlp.gate_proj",
+    "feed_forward.w2": "mlp.down_proj",
+    "feed_forward.w3": "mlp.up_proj",
+    "attention_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+_TOP_TO_HF = {"tok_embeddings": "model.embed_tokens", "norm": "model.norm", "output": "lm_head"}
+_BLOCK_FROM_HF = {hf: ours for ours, hf in _BLOCK_TO_HF.items()}
+_TOP_FROM_HF = {hf: ours for ours, hf in _TOP_TO_HF.items()}
+_HERMES_BLOCK = re.compile(r"layers\.(\d+)\.(.+)\.(weight)")
+_HF_BLOCK = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight)")
+_TOP = re.compile(r"(.+)\.(weight)")
+
+# Tensors some files carry that are not weights: Hugging Face's RoPE frequencies (older transformers) and
+# Meta's precomputed rope.freqs (Llama 2). hermes recomputes both.
+_HF_IGNORED = re.compile(r".*\.rotary_emb\.inv_freq")
+_META_IGNORED = {"rope.freqs"}
+
+# Meta model-parallel shards: ColumnParallelLinear weights are split on dim 0 (output rows),
+# RowParallelLinear on dim 1; norms are replicated. The embedding: see `merge_meta_shards`.
+_META_CONCAT_DIM = {
+    "attention.wq": 0,
+    "attention.wk": 0,
+    "attention.wv": 0,
+    "feed_forward.w1": 0,
+    "feed_forward.w3": 0,
+    "output": 0,
+    "attention.wo": 1,
+    "feed_forward.w2": 1,
+}
+
+
+# Names ---------------------------------------------------------------------------------------------------
+
+
+def hf_name(name: str) -> str:
+    """Hugging Face name of a hermes parameter: "layers.0.attention.wq.weight" ->
+    "model.layers.0.self_attn.q_proj.weight".
+
+    Raises:
+        ValueError: `name` is not a Llama parameter.
+    """
+    block = _HERMES_BLOCK.fullmatch(name)
+    if block and block[2] in _BLOCK_TO_HF:
+        return f"model.layers.{block[1]}.{_BLOCK_TO_HF[block[2]]}.{block[3]}"
+    top = _TOP.fullmatch(name)
+    if top and top[1] in _TOP_TO_HF:
+        return f"{_TOP_TO_HF[top[1]]}.{top[2]}"
+    raise ValueError(f"{name!r} is not a hermes Llama parameter; it has no Hugging Face name")
+
+
+def hermes_name(name: str) -> str:
+    """hermes (= Meta) name of a Hugging Face Llama parameter; the inverse of `hf_name`.
+
+    Raises:
+        ValueError: `name` is not a Hugging Face Llama parameter.
+    """
+    block = _HF_BLOCK.fullmatch(name)
+    if block and block[2] in _BLOCK_FROM_HF:
+        return f"layers.{block[1]}.{_BLOCK_FROM_HF[block[2]]}.{block[3]}"
+    top = _TOP.fullmatch(name)
+    if top and top[1] in _TOP_FROM_HF:
+        return f"{_TOP_FROM_HF[top[1]]}.{top[2]}"
+    raise ValueError(f"{name!r} is not a Hugging Face Llama parameter")
+
+
+def hf_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The same tensors under Hugging Face names (hermes rotates halves like Hugging Face: no permutation)."""
+    return {hf_name(name): tensor for name, tensor in state.items()}
+
+
+def from_hf_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The same tensors under hermes names; RoPE frequency buffers are dropped."""
+    return {hermes_name(name): tensor for name, tensor in state.items() if not _HF_IGNORED.fullmatch(name)}
+
+
+def meta_qk_to_hf(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Permute the rows of a Meta q or k weight [n_heads * head_dim, dim] from interleaved RoPE pairs
+    (2i, 2i+1) to the halves (i, i + head_dim/2) that hermes and Hugging Face rotate."""
+    rows, dim = weight.shape
+    head_dim = rows // n_heads
+    # [heads, head_dim/2 pairs, 2 members, dim] -> [heads, 2 halves, head_dim/2, dim]
+    return weight.view(n_heads, head_dim // 2, 2, dim).transpose(1, 2).reshape(rows, dim)
+
+
+def _module_of(name: str) -> str:
+    """The module a parameter belongs to, without block index: layers.3.attention.wq.weight -> attention.wq."""
+    block = _HERMES_BLOCK.fullmatch(name)
+    if block:
+        return block[2]
+    top = _TOP.fullmatch(name)
+    return top[1] if top else name
+
+
+def merge_meta_shards(
+    shards: Sequence[Mapping[str, torch.Tensor]], files: Sequence[str] | None = None
+) -> dict[str, torch.Tensor]:
+    """Join Meta model-parallel shards (consolidated.00.pth, ...) into full tensors, in Meta names.
+
+    wq/wk/wv/w1/w3/output are concatenated on dim 0, wo/w2 on dim 1, norms taken from the first shard.
+    The embedding is split on the vocabulary in Llama 3 (VocabParallelEmbedding: dim 0) and on the width
+    in Llama 2 (ParallelEmbedding: dim 1); the replicated final norm's width tells which.
+
+    Args:
+        shards: one state dict per model-parallel rank, in rank order.
+        files: the shards' file names, for error messages.
+
+    Raises:
+        ValueError: listing every tensor the shards do not all hold, or whose pieces do not fit together.
+    """
+    files = list(files) if files is not None else [f"shard {i}" for i in range(len(shards))]
+    if len(shards) == 1:
+        return {name: t for name, t in shards[0].items() if name not in _META_IGNORED}
+    width = shards[0]["norm.weight"].shape[0] if "norm.weight" in shards[0] else None
+    names = [n for n in dict.fromkeys(n for shard in shards for n in shard) if n not in _META_IGNORED]
+    merged, problems = {}, []
+    for name in names:
+        holders = [f for f, shard in zip(files, shards) if name in shard]
+        if len(holders) != len(shards):
+            problems.append(f"{name} is in {', '.join(holders)} but not in every shard")
+            continue
+        pieces = [shard[name] for shard in shards]
+        module = _module_of(name)
+        dim = _META_CONCAT_DIM.get(module)
+        if module == "tok_embeddings":
+            dim = 1 if width is not None and pieces[0].shape[1] != width else 0
+        if dim is None:
+            merged[name] = pieces[0]
+            continue
+        try:
+            merged[name] = torch.cat(pieces, dim=dim)
+        except RuntimeError:
+            shapes = ", ".join(f"{tuple(p.shape)} in {f}" for p, f in zip(pieces, files))
+            problems.append(f"{name}: shard pieces {shapes} do not join on dim {dim}")
+    if problems:
+        raise ValueError("Meta checkpoint shards do not fit together:\n  " + "\n  ".join(problems))
+    return merged
+
+
+def from_meta_state_dict(
+    state: Mapping[str, torch.Tensor], n_heads: int, n_kv_heads: int
+) -> dict[str, torch.Tensor]:
+    """A full (merged) Meta state dict as hermes tensors: the same names, q/k rows permuted to halves."""
+    permute = {"attention.wq": n_heads, "attention.wk": n_kv_heads}
+    out = {}
+    for name, tensor in state.items():
+        heads = permute.get(_module_of(name))
+        out[name] = meta_qk_to_hf(tensor, heads) if heads else tensor
+    return out
+
+
+# Saving --------------------------------------------------------------------------------------------------
+
+
+def _full_cpu(tensor: torch.Tensor) -> torch.Tensor:
+    """A contiguous CPU copy of the whole tensor (DTensors are gathered: collective, every rank calls)."""
+    if torch.distributed.is_available():
+        from torch.distributed.tensor import DTensor
+
+        if isinstance(tensor, DTensor):
+            tensor = tensor.full_tensor()
+    return tensor.detach().to("cpu").contiguous()
+
+
+def _plan_shards(sizes: Sequence[tuple[str, int]], max_shard_bytes: int) -> list[list[str]]:
+    """Group names, in order, into shards of at most max_shard_bytes (a larger tensor gets one alone)."""
+    shards: list[list[str]] = [[]]
+    used = 0
+    for name, size in sizes:
+        if shards[-1] and used + size > max_shard_bytes:
+            shards.append([])
+            used = 0
+        shards[-1].append(name)
+        used += size
+    return shards
+
+
+def _is_writer() -> bool:
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or (
+        torch.distributed.get_rank() == 0
+    )
+
+
+def save_pretrained(model: Llama, directory: str | os.PathLike, max_shard_bytes: int = 5 * 2**30) -> None:
+    """Write `model` as a Hugging Face checkpoint: config.json plus safetensors in Hugging Face names.
+
+    One `model.safetensors` when the weights fit in `max_shard_bytes`, else `model-0000K-of-0000M.safetensors`
+    shards plus `model.safetensors.index.json`. Everything is written to a hidden temporary directory beside
+    `directory` and then renamed into place, so an interrupted save never leaves a directory that looks
+    complete. Into an existing directory (e.g. one holding a tokenizer), the Hugging Face weights already
+    there are replaced, and the file that makes the checkpoint look complete (the index, or the single
+    `model.safetensors`) is moved in last.
+
+    Parameters that are DTensors (FSDP / TP) are gathered one shard at a time; then every rank must call
+    this, and only rank 0 writes.
+
+    Args:
+        model: the model; its parameters' dtype is kept and recorded as config.json's torch_dtype.
+        directory: the checkpoint directory (created with its parents if missing).
+        max_shard_bytes: the largest shard file's payload, in bytes (a single larger tensor gets its own).
+    """
+    state = model.state_dict()
+    dtype = next(iter(state.values())).dtype
+    groups = _plan_shards([(n, t.numel() * t.element_size()) for n, t in state.items()], max_shard_bytes)
+    if len(groups) == 1:
+        files = [SAFETENSORS_FILE]
+    else:
+        files = [f"model-{k:05d}-of-{len(groups):05d}.safetensors" for k in range(1, len(groups) + 1)]
+    writer = _is_writer()
+    directory = Path(directory)
+    staging = None
+    if writer:
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.partial-", dir=directory.parent))
+    try:
+        weight_map, total_size = {}, 0
+        for file, group in zip(files, groups):
+            tensors = {hf_name(name): _full_cpu(state[name]) for name in group}
+            total_size += sum(t.numel() * t.element_size() for t in tensors.values())
+            weight_map.update(dict.fromkeys(tensors, file))
+            if staging is not None:
+                save_file(tensors, staging / file, metadata={"format": "pt"})
+            del tensors
+        if staging is None:
+            return
+        config = model.config.to_hf(torch_dtype=str(dtype).removeprefix("torch."))
+        (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        marker = SAFETENSORS_FILE
+        if len(files) > 1:
+            marker = SAFETENSORS_INDEX
+            index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
+            (staging / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        _publish(staging, directory, marker)
+    finally:
+        if staging is not None and staging.exists():
+            shutil.rmtree(staging)
+
+
+def _publish(staging: Path, directory: Path, marker: str) -> None:
+    """Move the staged checkpoint into `directory`, the file that completes it (`marker`) last."""
+    if not directory.exists():
+        os.replace(staging, directory)
+        return
+    for old in [directory / SAFETENSORS_INDEX, directory / SAFETENSORS_FILE]:
+        old.unlink(missing_ok=True)
+    for old in directory.glob("model-*-of-*.safetensors"):
+        old.unlink()
+    for path in sorted(staging.iterdir(), key=lambda p: p.name == marker):
+        os.replace(path, directory / path.name)
+    staging.rmdir()
+
+
+# Loading -------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Stored:
+    """One tensor of a checkpoint, before its data is read: the name its file gives it, shape, file."""
+
+    name: str
+    shape: tuple[int, ...]
+    file: str
+
+
+def load_pretrained(
+    directory: str | os.PathLike, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+) -> Llama:
+    """Read a Hugging Face checkpoint (config.json + model.safetensors, or its index and shards) or a Meta
+    original one (params.json + consolidated.NN.pth) into a hermes Llama.
+
+    The model is built on the meta device and the checkpoint's tensors are assigned to it, so the weights
+    exist once, on `device`.
+
+    Args:
+        directory: the checkpoint directory.
+        device: where the parameters go.
+        dtype: convert floating-point weights to this dtype; None keeps the checkpoint's.
+
+    Returns:
+        The model, in training mode.
+
+    Raises:
+        FileNotFoundError: the directory is neither layout, or lacks its config file or a listed shard.
+        ValueError: a config or shard file is unreadable (named), or tensors are missing, unexpected or of
+            the wrong shape (all listed, each with its file and both shapes).
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"Checkpoint directory {directory} does not exist")
+    if (directory / SAFETENSORS_INDEX).exists() or (directory / SAFETENSORS_FILE).exists():
+        config, state = _read_hf(directory, device, dtype)
+    elif _meta_shard_files(directory):
+        config, state = _read_meta(directory, device, dtype)
+    else:
+        raise FileNotFoundError(
+            f"{directory} is neither a Hugging Face checkpoint ({CONFIG_FILE} with {SAFETENSORS_FILE}, or "
+            f"{SAFETENSORS_INDEX} and its shards) nor a Meta original one ({META_PARAMS_FILE} with "
+            "consolidated.00.pth, ...); point model.checkpoint at the folder that holds those files"
+        )
+    with torch.device("meta"):
+        model = Llama(config)
+    model.load_state_dict(state, assign=True)
+    return model
+
+
+def _read_json(path: Path, what: str) -> dict:
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: {what}")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); restore the file") from err
+
+
+def _convert(tensor: torch.Tensor, device: torch.device | str, dtype: torch.dtype | None) -> torch.Tensor:
+    to_dtype = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+    return tensor.to(device=device, dtype=to_dtype)
+
+
+@contextmanager
+def _open_safetensors(path: Path):
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            yield handle
+    except SafetensorError as err:
+        raise ValueError(
+            f"{path} is not a readable safetensors file ({err}); it is truncated or corrupt: "
+            "write or download it again"
+        ) from err
+
+
+def _check_against(
+    expected: Mapping[str, torch.Size],
+    stored: Mapping[str, _Stored],
+    unexpected: Sequence[_Stored],
+    stored_name: Callable[[str], str],
+    why_missing: Callable[[str], str],
+    source: Path,
+) -> None:
+    """Raise one error listing every tensor that is missing, unexpected or of the wrong shape.
+
+    `stored` and `expected` are keyed by hermes name; `stored_name` gives the checkpoint's own name of a
+    hermes name, and `why_missing` says, for such a name, which file should have held it.
+    """
+    problems = []
+    for name, shape in expected.items():
+        found = stored.get(name)
+        if found is None:
+            theirs = stored_name(name)
+            problems.append(f"{theirs} is missing (expected shape {tuple(shape)}): {why_missing(theirs)}")
+        elif found.shape != tuple(shape):
+            problems.append(f"{found.name} in {found.file} has shape {found.shape}, expected {tuple(shape)}")
+    strangers = [*unexpected, *(s for name, s in stored.items() if name not in expected)]
+    problems += [f"{s.name} in {s.file} (shape {s.shape}) is not a weight of this model" for s in strangers]
+    if problems:
+        raise ValueError(
+            f"Checkpoint {source} does not match the model its config describes "
+            f"({len(problems)} problem{'s' if len(problems) > 1 else ''}); fix the weights or the config:\n  "
+            + "\n  ".join(problems)
+        )
+
+
+def _expected_shapes(config: LlamaConfig) -> dict[str, torch.Size]:
+    with torch.device("meta"):
+        return {name: t.shape for name, t in Llama(config).state_dict().items()}
+
+
+def _hf_weight_files(directory: Path) -> tuple[dict[str, str], str]:
+    """Hugging Face tensor name -> file name, and the file that lists them (index or single file)."""
+    index_path = directory / SAFETENSORS_INDEX
+    if not index_path.exists():
+        with _open_safetensors(directory / SAFETENSORS_FILE) as handle:
+            return dict.fromkeys(handle.keys(), SAFETENSORS_FILE), SAFETENSORS_FILE
+    index = _read_json(index_path, "the shard index")
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise ValueError(f"{index_path} has no 'weight_map' object {{tensor name: shard file}}; restore it")
+    absent = sorted({f for f in weight_map.values() if not (directory / f).exists()})
+    if absent:
+        raise FileNotFoundError(
+            f"{index_path} lists shard files that are missing from {directory}: {', '.join(absent)}; "
+            "copy them in (an interrupted download?)"
+        )
+    return dict(weight_map), SAFETENSORS_INDEX
+
+
+def _read_hf(directory: Path, device, dtype) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
+    config = LlamaConfig.from_hf(
+        _read_json(directory / CONFIG_FILE, "a Hugging Face checkpoint needs it beside its safetensors")
+    )
+    files, listing = _hf_weight_files(directory)
+    stored: dict[str, _Stored] = {}
+    unexpected: list[_Stored] = []
+    for file in dict.fromkeys(files.values()):
+        with _open_safetensors(directory / file) as handle:
+            names = handle.keys()
+            for name in names:
+                if files.get(name) != file or _HF_IGNORED.fullmatch(name):
+                    continue
+                entry = _Stored(name, tuple(handle.get_slice(name).get_shape()), file)
+                try:
+                    stored[hermes_name(name)] = entry
+                except ValueError:
+                    unexpected.append(entry)
+
+    def why_missing(name: str) -> str:
+        if name not in files:
+            return f"{listing} {'lists' if listing == SAFETENSORS_INDEX else 'holds'} no such tensor"
+        return f"{files[name]} does not hold it, though {listing} lists it there"
+
+    _check_against(_expected_shapes(config), stored, unexpected, hf_name, why_missing, directory)
+    state = {}
+    for file in dict.fromkeys(s.file for s in stored.values()):
+        with _open_safetensors(directory / file) as handle:
+            for name, entry in stored.items():
+                if entry.file == file:
+                    state[name] = _convert(handle.get_tensor(entry.name), device, dtype)
+    return config, state
+
+
+def _meta_shard_files(directory: Path) -> list[Path]:
+    """consolidated.NN.pth files in rank order."""
+    return sorted(directory.glob(META_SHARD_PATTERN), key=lambda p: int(re.sub(r"\D", "", p.name) or 0))
+
+
+def _load_meta_shard(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (RuntimeError, OSError, ValueError, pickle.UnpicklingError) as err:
+        raise ValueError(
+            f"{path} is not a readable PyTorch checkpoint ({err}); it is truncated or corrupt: "
+            "download it again"
+        ) from err
+
+
+def _read_meta(directory: Path, device, dtype) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
+    params = _read_json(directory / META_PARAMS_FILE, "a Meta checkpoint needs it beside consolidated.NN.pth")
+    paths = _meta_shard_files(directory)
+    names = [p.name for p in paths]
+    merged = merge_meta_shards([_load_meta_shard(p) for p in paths], names)
+    # params.json of Llama 3 may say vocab_size -1: the embedding (or output head) rows tell.
+    rows = merged.get("tok_embeddings.weight", merged.get("output.weight"))
+    config = LlamaConfig.from_meta(params, vocab_size=None if rows is None else rows.shape[0])
+    listing = ", ".join(names)
+    stored = {name: _Stored(name, tuple(t.shape), listing) for name, t in merged.items()}
+    _check_against(
+        _expected_shapes(config), stored, [], str, lambda _: f"none of {listing} holds it", directory
+    )
+    state = from_meta_state_dict(merged, config.n_heads, config.n_kv_heads)
+    return config, {name: _convert(t, device, dtype) for name, t in state.items()}
