@@ -36,6 +36,7 @@ def test_run_directory_holds_config_metrics_checkpoints_and_filter_summary(singl
     assert records[-1]["loss"] < records[0]["loss"]
     assert (single_process_run / "config.toml").read_text().count('preset = "debug"') == 1
     assert (single_process_run / "filter_summary.json").is_file()
+    assert (single_process_run / "plots" / "loss.png").stat().st_size > 0
     saved = {p.name for p in (single_process_run / "checkpoints").iterdir()}
     epoch_ends = {f"step-{a['step']}" for a, b in itertools.pairwise(records) if b["epoch"] != a["epoch"]}
     assert (

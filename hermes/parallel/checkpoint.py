@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 COMPLETE_MARKER = "COMPLETE"
 TRAINER_STATE = "trainer.json"
@@ -34,15 +34,21 @@ def _rng_state() -> dict[str, Any]:
     return state
 
 
+def _options(trainable_only: bool) -> StateDictOptions:
+    return StateDictOptions(ignore_frozen_params=trainable_only)
+
+
 def save_checkpoint(
     directory: Path,
     step: int,
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     trainer_state: dict[str, Any],
+    trainable_only: bool = False,
 ) -> Path:
     """Write model, optimizer, trainer state (JSON-able: scheduler, loader, counters) and every rank's RNG
-    to `directory/step-<step>`, atomically. Collective: every rank calls it."""
+    to `directory/step-<step>`, atomically. With `trainable_only`, frozen parameters (a LoRA run's base
+    model, which its own checkpoint already holds) are left out. Collective: every rank calls it."""
     final = directory / f"step-{step}"
     partial = directory / f"step-{step}.partial"
     rank = dist.get_rank()
@@ -50,7 +56,7 @@ def save_checkpoint(
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
     dist.barrier()
-    model_state, optim_state = get_state_dict(model, optimizer)
+    model_state, optim_state = get_state_dict(model, optimizer, options=_options(trainable_only))
     dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(partial))
     rng_dir = partial / "rng"
     rng_dir.mkdir(exist_ok=True)
@@ -81,13 +87,18 @@ def latest_checkpoint(directory: Path) -> Path | None:
     return max(complete)[1] if complete else None
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+def load_checkpoint(
+    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, trainable_only: bool = False
+) -> dict[str, Any]:
     """Load model and optimizer state in place (resharding to the current mesh) and this rank's RNG when
     the checkpoint has it; returns the trainer state. Collective: every rank calls it."""
-    model_state, optim_state = get_state_dict(model, optimizer)
+    options = _options(trainable_only)
+    model_state, optim_state = get_state_dict(model, optimizer, options=options)
     state = {"model": model_state, "optim": optim_state}
     dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    set_state_dict(
+        model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=options
+    )
     rng_file = path / "rng" / f"rank-{dist.get_rank()}.pt"
     if rng_file.is_file():
         rng = torch.load(rng_file, weights_only=True)

@@ -38,6 +38,8 @@ class TrainState:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     loader: PackedLoader
     total_steps: int
+    trainable_only_checkpoints: bool = False
+    """Leave frozen parameters out of checkpoints (LoRA: the base model is read from its own files)."""
 
 
 class _Preemption:
@@ -86,7 +88,7 @@ def run(
     start_step = 0
     resume_from = latest_checkpoint(checkpoints)
     if resume_from is not None:
-        trainer = load_checkpoint(resume_from, state.model, state.optimizer)
+        trainer = load_checkpoint(resume_from, state.model, state.optimizer, state.trainable_only_checkpoints)
         state.scheduler.load_state_dict(trainer["scheduler"])
         state.loader.load_state_dict(trainer["loader"])
         start_step = trainer["step"]
@@ -146,7 +148,14 @@ def run(
             epoch_end = state.loader.epoch_finished
             every = config.train.checkpoint_every
             if (every and step % every == 0) or epoch_end or packed[-1] > 0 or step == state.total_steps:
-                save_checkpoint(checkpoints, step, state.model, state.optimizer, _trainer_state(state))
+                save_checkpoint(
+                    checkpoints,
+                    step,
+                    state.model,
+                    state.optimizer,
+                    _trainer_state(state),
+                    state.trainable_only_checkpoints,
+                )
             if packed[-1] > 0:
                 if rank == 0:
                     print(f"SIGTERM received: checkpoint saved at step {step}; exiting", flush=True)
@@ -155,7 +164,21 @@ def run(
         preemption.restore()
         if log is not None:
             log.close()
+    if rank == 0 and step == state.total_steps:
+        _plot(run_dir)
     return step
+
+
+def _plot(run_dir: Path) -> None:
+    """Loss, learning rate, throughput (and DPO reward) plots into <run dir>/plots, when matplotlib is there."""
+    try:
+        from hermes.plots import plot_run
+
+        written = plot_run(run_dir)
+    except ImportError as missing:
+        print(f"No plots: {missing}", flush=True)
+        return
+    print(f"Plots: {', '.join(str(p) for p in written)}", flush=True)
 
 
 def _drop_records_after(metrics: Path, step: int) -> None:
