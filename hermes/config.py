@@ -100,7 +100,11 @@ class ParallelConfig:
     activation_checkpointing: str = _opt(
         "none", "Recompute activations in backward.", ("none", "full", "selective")
     )
-    param_dtype: str = _opt("float32", "Dtype of compute (FSDP mixed precision).", ("float32", "bfloat16"))
+    param_dtype: str = _opt(
+        "auto",
+        "Dtype of compute (FSDP mixed precision); auto = bfloat16 on GPU, float32 on CPU.",
+        ("auto", "float32", "bfloat16"),
+    )
     reduce_dtype: str = _opt("float32", "Dtype of gradient reduction.", ("float32", "bfloat16"))
     compile: bool = _opt(False, "torch.compile each transformer block.")
 

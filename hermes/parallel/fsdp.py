@@ -23,10 +23,13 @@ def apply_fsdp(
     Args:
         model: the model, on meta (to be materialised after) or on a real device.
         mesh: 1-D (FSDP) or 2-D (HSDP: replicate x shard) data-parallel mesh.
-        param_dtype: dtype of the unsharded parameters used in compute (bfloat16 on GPU is the usual).
+        param_dtype: dtype of the unsharded parameters used in compute; "auto" is bfloat16 on GPU and
+            float32 on CPU (where bfloat16 matmuls are slow and the tests compare to float32 references).
         reduce_dtype: dtype of the gradient reduce-scatter (keep float32 for exact sums).
         cpu_offload: keep sharded parameters, gradients and optimizer state on the CPU.
     """
+    if param_dtype == "auto":
+        param_dtype = "bfloat16" if torch.cuda.is_available() else "float32"
     policy = MixedPrecisionPolicy(param_dtype=DTYPES[param_dtype], reduce_dtype=DTYPES[reduce_dtype])
     kwargs = {"mesh": mesh, "mp_policy": policy}
     if cpu_offload:
