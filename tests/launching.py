@@ -44,21 +44,19 @@ def torchrun_command(script: str, nproc: int, args: list[str]) -> list[str]:
     return [*TORCHRUN, "--standalone", "--nproc_per_node", str(nproc), str(REPO / "launch" / script), *args]
 
 
-def run_launch(script: str, nproc: int, args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+def run_command(command: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run `command` from the repository root, one thread per process; fail with its output."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        torchrun_command(script, nproc, args),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-        cwd=REPO,
-    )
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
     if result.returncode != 0:
         raise AssertionError(
-            f"{script} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+            f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
         )
     return result
+
+
+def run_launch(script: str, nproc: int, args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    return run_command(torchrun_command(script, nproc, args), timeout)
 
 
 def metrics(run_dir: Path) -> list[dict]:
