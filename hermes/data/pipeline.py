@@ -13,18 +13,31 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
 from hermes.config import DataConfig
 from hermes.data.chat import ChatFormat
 from hermes.data.dataset import TokenizedDataset
-from hermes.data.filters import ContentFilters, FilterSummary, filter_conversations, filter_samples, mix
-from hermes.data.records import read_conversations
+from hermes.data.filters import (
+    ContentFilters,
+    FilterSummary,
+    Mixture,
+    filter_conversations,
+    filter_pairs,
+    filter_samples,
+    mix,
+)
+from hermes.data.packing import fit_to_capacity
+from hermes.data.records import read_conversations, read_preference_pairs
 from hermes.data.sample import Sample
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 """Bump when the cached layout or the rendering changes, so old caches are not reused."""
+
+REPORT_FILES = ("filter_summary.json", "mixture_summary.json")
+"""Files copied from the cache into the run directory."""
 
 
 def bundled_example(name: str) -> Path:
@@ -40,8 +53,8 @@ def _file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def cache_key(paths: list[Path], chat: ChatFormat, options: DataConfig) -> str:
-    """Digest of everything the tokenized result depends on."""
+def cache_key(paths: list[Path], chat: ChatFormat, options: DataConfig, seed: int) -> str:
+    """Digest of everything the tokenized result depends on (the seed only matters with a mixture)."""
     tokenizer = chat.tokenizer
     key = {
         "format": CACHE_FORMAT,
@@ -56,66 +69,146 @@ def cache_key(paths: list[Path], chat: ChatFormat, options: DataConfig) -> str:
         else tokenizer.source,
         "chat": [sorted(chat.special_tokens.items()), chat.tool_prompt],
         "options": {k: v for k, v in dataclasses.asdict(options).items() if k not in ("train", "cache_dir")},
+        "mixture_seed": seed if options.mixture else None,
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def _fit(sample: Sample, seq_len: int, overlong: str) -> tuple[Sample | None, str | None]:
-    if len(sample) <= seq_len:
-        return sample, None
-    if overlong == "drop":
-        return None, "longer_than_seq_len"
-    return dataclasses.replace(
-        sample, tokens=sample.tokens[:seq_len], labels=sample.labels[:seq_len]
-    ), "truncated"
+@dataclasses.dataclass
+class BuiltSamples:
+    """What a builder (`build_sft_samples`, `build_preference_samples`) keeps, and its account of what it
+    did to the records."""
+
+    samples: list[Sample]
+    summary: FilterSummary
+    """Records and samples seen, kept and dropped per reason, per stage."""
+    truncated: list[str]
+    """Sources ("path:line") of the samples cut to seq_len."""
+    mixture: Mixture | None
+    """The category mixture applied; None when `data.mixture` is empty."""
+
+    def format(self) -> str:
+        """The filter table, the truncation count, then the mixture table."""
+        parts = [self.summary.format()]
+        if self.truncated:
+            examples = ", ".join(self.truncated[:3])
+            parts.append(f"truncated to seq_len: {len(self.truncated)} samples (e.g. {examples})")
+        if self.mixture is not None:
+            parts.append(self.mixture.format())
+        return "\n\n".join(parts)
+
+    def write(self, directory: Path) -> None:
+        """Write filter_summary.json, mixture_summary.json (with a mixture) and summary.txt (`format()`)."""
+        self.summary.write(directory)
+        if self.mixture is not None:
+            self.mixture.write(directory)
+        (directory / "summary.txt").write_text(self.format() + "\n")
 
 
-def build_sft_samples(
-    paths: list[Path], chat: ChatFormat, options: DataConfig, seed: int, summary: FilterSummary
-) -> list[Sample]:
-    """Read, filter, render, fit to seq_len and mix; every drop and truncation is counted in `summary`."""
+def build_sft_samples(paths: list[Path], chat: ChatFormat, options: DataConfig, seed: int) -> BuiltSamples:
+    """Read, filter, render, fit to seq_len, filter by tokens and mix; every drop is counted.
+
+    The token filters run after fitting, so a sample truncated to its untrained prompt is dropped as
+    `no_trained_tokens`.
+    """
+    summary = FilterSummary()
     filters = ContentFilters() if options.drop_refusals else ContentFilters(refusal_phrases=())
     rendered = []
+    truncated = []
     for conversation in filter_conversations(read_conversations(paths), summary, filters):
-        sample, note = _fit(chat.render(conversation), options.seq_len, options.overlong)
-        summary.add("seq_len", conversation.source, "longer_than_seq_len" if sample is None else None)
-        if note == "truncated":
-            summary.add("truncated", conversation.source, "truncated_to_seq_len")
-        if sample is not None:
-            rendered.append((conversation.source, sample))
+        fitted = fit_to_capacity([chat.render(conversation)], options.seq_len, options.overlong)
+        summary.add("seq_len", conversation.source, "longer_than_seq_len" if fitted.dropped else None)
+        if fitted.truncated:
+            truncated.append(conversation.source)
+        rendered += [(conversation.source, sample) for sample in fitted.samples]
     kept = [s for _, s in filter_samples(rendered, summary, options.min_tokens, options.max_tokens)]
+    mixture = None
     if options.mixture:
         mixture = mix([s.category for s in kept], [len(s) for s in kept], options.mixture, seed)
         kept = [kept[i] for i in mixture.indices]
-    return kept
+    return BuiltSamples(kept, summary, truncated, mixture)
+
+
+def build_preference_samples(
+    paths: list[Path], chat: ChatFormat, options: DataConfig, seed: int
+) -> BuiltSamples:
+    """Read and filter preference pairs and render each as its (chosen, rejected) samples, interleaved:
+    sample 2k is pair k's chosen side, 2k + 1 its rejected side. Both sides of a pair train in one packed
+    row, so a pair longer than seq_len in total is dropped (never truncated: a cut response would
+    compare unlike with unlike); a pair with a side that has no trained token is dropped too."""
+    summary = FilterSummary()
+    filters = ContentFilters() if options.drop_refusals else ContentFilters(refusal_phrases=())
+    kept: list[Sample] = []
+    for pair in filter_pairs(read_preference_pairs(paths), summary, filters):
+        chosen, rejected = chat.render_preference(pair)
+        reason = None
+        if len(chosen) + len(rejected) > options.seq_len:
+            reason = "pair_longer_than_seq_len"
+        elif chosen.trained_tokens == 0 or rejected.trained_tokens == 0:
+            reason = "no_trained_tokens"
+        summary.add("pairs", pair.source, reason)
+        if reason is None:
+            kept += [chosen, rejected]
+    return BuiltSamples(kept, summary, [], None)
 
 
 def prepare_sft_dataset(
     chat: ChatFormat, options: DataConfig, seed: int, cache_root: Path, report_dir: Path | None = None
 ) -> Path:
-    """Build (or find) the cached dataset and return its directory. Prints and writes the filter summary
-    (filter_summary.json, also kept beside the cache for later runs) into `report_dir`."""
-    paths = [Path(p) for p in options.train] or [bundled_example("sft.jsonl")]
+    """Build (or find) the cached SFT dataset (data.train, default: the bundled sft.jsonl) and return its
+    directory. See `_prepare`."""
+    return _prepare("sft", build_sft_samples, chat, options, seed, cache_root, report_dir)
+
+
+def prepare_preference_dataset(
+    chat: ChatFormat, options: DataConfig, seed: int, cache_root: Path, report_dir: Path | None = None
+) -> Path:
+    """Build (or find) the cached preference dataset (data.train, default: the bundled preference.jsonl)
+    as interleaved (chosen, rejected) samples, and return its directory. See `_prepare`."""
+    return _prepare("preference", build_preference_samples, chat, options, seed, cache_root, report_dir)
+
+
+def _prepare(
+    kind: str,
+    builder: Callable[[list[Path], ChatFormat, DataConfig, int], BuiltSamples],
+    chat: ChatFormat,
+    options: DataConfig,
+    seed: int,
+    cache_root: Path,
+    report_dir: Path | None,
+) -> Path:
+    """Build (or find) a cached dataset of `kind` and return its directory.
+
+    Prints the filter summary (and the mixture table), and copies filter_summary.json and, with a
+    mixture, mixture_summary.json from the cache into `report_dir`.
+
+    Raises:
+        FileNotFoundError: a data file does not exist.
+    """
+    paths = [Path(p) for p in options.train] or [bundled_example(f"{kind}.jsonl")]
     for path in paths:
         if not path.is_file():
             raise FileNotFoundError(f"Training data {path} not found; set data.train to existing JSONL files")
-    directory = cache_root / cache_key(paths, chat, options)
+    directory = cache_root / f"{kind}-{cache_key(paths, chat, options, seed)}"
     if not (directory / "filter_summary.json").is_file():
-        summary = FilterSummary()
-        samples = build_sft_samples(paths, chat, options, seed, summary)
+        built = builder(paths, chat, options, seed)
         partial = directory.with_name(f"{directory.name}.partial-{os.getpid()}")
-        TokenizedDataset.from_samples(samples).save(partial)
-        summary.write(partial)
-        (partial / "summary.txt").write_text(summary.format() + "\n")
+        TokenizedDataset.from_samples(built.samples).save(partial)
+        built.write(partial)
         shutil.rmtree(directory, ignore_errors=True)
         partial.rename(directory)
         print(
-            f"Tokenized {len(samples)} samples from {', '.join(map(str, paths))} into {directory}", flush=True
+            f"Tokenized {len(built.samples)} samples from {', '.join(map(str, paths))} into {directory}",
+            flush=True,
         )
     else:
         print(f"Using tokenized cache {directory}", flush=True)
     print((directory / "summary.txt").read_text(), flush=True)
     if report_dir is not None:
         report_dir.mkdir(parents=True, exist_ok=True)
-        shutil.copy(directory / "filter_summary.json", report_dir / "filter_summary.json")
+        for name in REPORT_FILES:
+            if (directory / name).is_file():
+                shutil.copy(directory / name, report_dir / name)
+            else:  # a mixture summary left by an earlier run with a mixture
+                (report_dir / name).unlink(missing_ok=True)
     return directory
