@@ -9,15 +9,18 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh
 
-from hermes.config import Config
+from hermes.config import Config, LoraConfig
 from hermes.data.chat import ChatFormat
 from hermes.data.dataset import TokenizedDataset
 from hermes.data.loader import PackedLoader, StepBatch
-from hermes.data.pipeline import prepare_sft_dataset
+from hermes.data.pipeline import prepare_preference_dataset, prepare_sft_dataset
 from hermes.data.tokenizer import Tokenizer
 from hermes.model import Llama, LlamaConfig
+from hermes.model.hf import load_pretrained, save_pretrained
+from hermes.model.lora import apply_lora, merge_lora, save_adapter
 from hermes.parallel.fsdp import DTYPES, apply_fsdp
 from hermes.parallel.mesh import ParallelDims, build_mesh, device_type, dp_rank, fsdp_mesh, init_distributed
 from hermes.train.metrics import training_flops
@@ -64,7 +67,7 @@ def chat_format(config: Config) -> ChatFormat:
     return ChatFormat(tokenizer, tokenizer_config=tokenizer_config)
 
 
-def sft_dataset(config: Config, env: Environment) -> TokenizedDataset:
+def _cached_dataset(config: Config, env: Environment, prepare) -> TokenizedDataset:
     """Rank 0 tokenizes (or finds the cache); every rank then memory-maps the same arrays."""
     cache_root = (
         Path(config.data.cache_dir)
@@ -73,14 +76,22 @@ def sft_dataset(config: Config, env: Environment) -> TokenizedDataset:
     )
     directory = [None]
     if env.rank == 0:
-        directory[0] = str(
-            prepare_sft_dataset(env.chat, config.data, config.run.seed, cache_root, config.run_dir)
-        )
+        directory[0] = str(prepare(env.chat, config.data, config.run.seed, cache_root, config.run_dir))
     dist.broadcast_object_list(directory, src=0)
     return TokenizedDataset.load(Path(directory[0]))
 
 
-def loader(config: Config, env: Environment, dataset) -> PackedLoader:
+def sft_dataset(config: Config, env: Environment) -> TokenizedDataset:
+    """Conversations rendered with assistant-only labels (data.train, default: the bundled SFT example)."""
+    return _cached_dataset(config, env, prepare_sft_dataset)
+
+
+def preference_dataset(config: Config, env: Environment) -> TokenizedDataset:
+    """Preference pairs as interleaved (chosen, rejected) samples (data.train, default: the bundled example)."""
+    return _cached_dataset(config, env, prepare_preference_dataset)
+
+
+def loader(config: Config, env: Environment, dataset: TokenizedDataset, group_size: int = 1) -> PackedLoader:
     return PackedLoader(
         dataset,
         seq_len=config.data.seq_len,
@@ -90,20 +101,23 @@ def loader(config: Config, env: Environment, dataset) -> PackedLoader:
         dp_size=env.dims.dp_size,
         seed=config.run.seed,
         pad_id=env.tokenizer.pad_id,
+        group_size=group_size,
     )
 
 
-def model(config: Config, env: Environment) -> Llama:
-    """The model from a checkpoint or freshly initialised (identically on every rank), then sharded."""
+def model(config: Config, env: Environment, lora: LoraConfig | None = None) -> Llama:
+    """The model from a checkpoint or freshly initialised (identically on every rank), with a LoRA adapter
+    when `lora` is given (only the adapter trains), then sharded."""
     dtype = DTYPES[config.model.dtype]
     if config.model.checkpoint:
-        from hermes.model.hf import load_pretrained
-
         net = load_pretrained(config.model.checkpoint, device="cpu", dtype=dtype)
     else:
         torch.manual_seed(config.run.seed)
         net = Llama(LlamaConfig.preset(config.model.preset)).to(dtype)
     net.set_attention_backend(config.model.attention_backend)
+    if lora is not None:
+        torch.manual_seed(config.run.seed)
+        apply_lora(net, rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, targets=tuple(lora.targets))
     net.to(env.device)
     p = config.parallel
     return apply_fsdp(net, fsdp_mesh(env.mesh), p.param_dtype, p.reduce_dtype, p.cpu_offload)
@@ -140,10 +154,35 @@ def export(config: Config, net: torch.nn.Module) -> Path | None:
     Collective: shards are gathered one tensor at a time and rank 0 writes."""
     if not config.train.export_hf:
         return None
-    from hermes.model.hf import save_pretrained
-
     directory = config.run_dir / "hf"
     save_pretrained(net, directory)
     if dist.get_rank() == 0:
         print(f"Exported the model to {directory}", flush=True)
     return directory
+
+
+def export_adapter(config: Config, net: torch.nn.Module) -> Path:
+    """Write the LoRA adapter in PEFT's layout (<run dir>/adapter) and, when train.export_hf is set, the
+    merged model as a Hugging Face directory (<run dir>/hf). Collective."""
+    directory = config.run_dir / "adapter"
+    save_adapter(net, directory, base_model_name_or_path=config.model.checkpoint)
+    if config.train.export_hf:
+        full = get_model_state_dict(net, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if dist.get_rank() == 0:
+            lora = config.lora
+            with torch.device("meta"):
+                plain = Llama(net.config)
+                apply_lora(
+                    plain, rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, targets=tuple(lora.targets)
+                )
+            plain.load_state_dict(full, assign=True)
+            save_pretrained(merge_lora(plain), config.run_dir / "hf")
+    if dist.get_rank() == 0:
+        print(f"Exported the adapter to {directory}", flush=True)
+    return directory
+
+
+def finish() -> None:
+    """Wait for every rank, then leave the process group."""
+    dist.barrier()
+    dist.destroy_process_group()

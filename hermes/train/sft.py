@@ -6,7 +6,6 @@ from __future__ import annotations
 import sys
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from hermes.config import Config, parse_args
@@ -62,6 +61,5 @@ def main(argv: list[str] | None = None) -> Config:
         tp=env.dims.tp,
     )
     build.export(config, model)
-    dist.barrier()
-    dist.destroy_process_group()
+    build.finish()
     return config
