@@ -19,6 +19,9 @@ def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("dpo")
     torch.manual_seed(0)
     save_pretrained(Llama(LlamaConfig.preset("debug")), root / "base")
+    (root / "base" / "tokenizer_config.json").write_text(
+        '{"added_tokens_decoder": {}, "model_max_length": 8192}'
+    )
     from hermes.data.pipeline import bundled_example
 
     lines = bundled_example("preference.jsonl").read_text().splitlines()
@@ -63,6 +66,8 @@ def test_dpo_run_logs_rewards_and_exports_adapter_and_merged_model(single):
         assert key in records[-1]
     assert (single / "adapter" / "adapter_model.safetensors").is_file()
     assert (single / "hf" / "config.json").is_file()
+    copied = json.loads((single / "hf" / "tokenizer_config.json").read_text())  # the base's tokenizer files
+    assert copied["model_max_length"] == 8192
 
 
 def test_two_process_fsdp_dpo_gives_the_losses_of_one_process(workspace, single):

@@ -3,6 +3,7 @@ optimizer and schedule, and the final export."""
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,8 +158,24 @@ def export(config: Config, net: torch.nn.Module) -> Path | None:
     directory = config.run_dir / "hf"
     save_pretrained(net, directory)
     if dist.get_rank() == 0:
+        copy_tokenizer_files(config, directory)
         print(f"Exported the model to {directory}", flush=True)
     return directory
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
+
+
+def copy_tokenizer_files(config: Config, directory: Path) -> None:
+    """Put the base checkpoint's tokenizer files beside an export, so transformers, vLLM and
+    lm-evaluation-harness load the directory as it is. A fresh model has none to copy (the default Llama 3
+    tokenizer.model is not a Hugging Face tokenizer file): say so."""
+    source = Path(config.model.checkpoint) if config.model.checkpoint else None
+    found = [source / name for name in TOKENIZER_FILES if source and (source / name).is_file()]
+    for path in found:
+        shutil.copy(path, directory / path.name)
+    if not found:
+        print(f"{directory} has no tokenizer files (the model did not start from a checkpoint that has them)")
 
 
 def export_adapter(config: Config, net: torch.nn.Module) -> Path:
@@ -177,6 +194,7 @@ def export_adapter(config: Config, net: torch.nn.Module) -> Path:
                 )
             plain.load_state_dict(full, assign=True)
             save_pretrained(merge_lora(plain), config.run_dir / "hf")
+            copy_tokenizer_files(config, config.run_dir / "hf")
     if dist.get_rank() == 0:
         print(f"Exported the adapter to {directory}", flush=True)
     return directory
