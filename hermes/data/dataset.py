@@ -3,6 +3,7 @@ millions of tokens cost 8 bytes each and every rank on a node shares one page-ca
 
 from __future__ import annotations
 
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -32,8 +33,9 @@ class TokenizedDataset:
     def from_samples(cls, samples: list[Sample]) -> TokenizedDataset:
         offsets = np.zeros(len(samples) + 1, dtype=np.int64)
         np.cumsum([len(s) for s in samples], out=offsets[1:])
-        tokens = np.fromiter((t for s in samples for t in s.tokens), dtype=np.int32, count=int(offsets[-1]))
-        labels = np.fromiter((t for s in samples for t in s.labels), dtype=np.int32, count=int(offsets[-1]))
+        total = int(offsets[-1])
+        tokens = np.fromiter(chain.from_iterable(s.tokens for s in samples), dtype=np.int32, count=total)
+        labels = np.fromiter(chain.from_iterable(s.labels for s in samples), dtype=np.int32, count=total)
         return cls(tokens, labels, offsets, [s.category for s in samples])
 
     def __len__(self) -> int:

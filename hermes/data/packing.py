@@ -306,8 +306,8 @@ class PackedBatch:
         starts = torch.repeat_interleave(cu_seqlens[:-1].long(), torch.tensor(segments, dtype=torch.long))
         position_ids = torch.arange(len(rows) * seq_len) - starts
         return cls(
-            tokens=torch.tensor(tokens, dtype=torch.long).view(len(rows), seq_len),
-            labels=torch.tensor(labels, dtype=torch.long).view(len(rows), seq_len),
+            tokens=torch.from_numpy(np.array(tokens, dtype=np.int64)).view(len(rows), seq_len),
+            labels=torch.from_numpy(np.array(labels, dtype=np.int64)).view(len(rows), seq_len),
             position_ids=position_ids.view(len(rows), seq_len),
             cu_seqlens=cu_seqlens,
             max_seqlen=max(segments, default=0),

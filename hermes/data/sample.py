@@ -31,4 +31,4 @@ class Sample:
     @property
     def trained_tokens(self) -> int:
         """Number of tokens that carry a loss (the first token never does: nothing predicts it)."""
-        return sum(1 for label in self.labels[1:] if label != IGNORE_INDEX)
+        return max(len(self.labels) - 1 - self.labels[1:].count(IGNORE_INDEX), 0)
