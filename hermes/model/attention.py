@@ -11,6 +11,10 @@ in result:
 - "flex": torch's `flex_attention` with a document-causal block mask (compiled on CUDA; forward only on CPU).
 - "reference": torch SDPA with a block-diagonal causal mask; any device, dtype and autograd.
 - "auto": the first of flash, varlen, flex that fits the device and dtype, else reference.
+
+Incremental decoding (generation) goes through `masked_attention` instead: the new queries attend to the keys
+and values kept in a `KVCache`, with an explicit boolean mask (`cache_attention_mask`) that is causal from the
+cache offset and hides the left padding of shorter prompts in a batch.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from __future__ import annotations
 import functools
 import importlib.util
 import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -44,7 +50,21 @@ def reference_attention(
 ) -> torch.Tensor:
     """Packed causal attention on any device: torch SDPA with a block-diagonal causal mask."""
     batch, seq = q.shape[:2]
-    mask = document_causal_mask(cu_seqlens, batch, seq)
+    return masked_attention(q, k, v, document_causal_mask(cu_seqlens, batch, seq))
+
+
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Grouped-query attention with an explicit mask (torch SDPA): any device, dtype and autograd.
+
+    Args:
+        q: [batch, q_len, heads, head_dim].
+        k, v: [batch, k_len, kv_heads, head_dim].
+        mask: boolean, broadcastable to [batch, heads, q_len, k_len]; True where the query may attend to the
+            key. Every query must be allowed at least one key.
+
+    Returns:
+        [batch, q_len, heads, head_dim].
+    """
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, enable_gqa=True
     )
@@ -197,3 +217,114 @@ def attention(
     if max_seqlen is None and backend in ("flash", "varlen"):
         max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
     return _IMPLEMENTATIONS[backend](q, k, v, cu_seqlens, max_seqlen)
+
+
+# Incremental decoding ------------------------------------------------------------------------------------
+
+
+def cache_attention_mask(padding: torch.Tensor, start: int, seq: int) -> torch.Tensor:
+    """Boolean [batch, 1, seq, start + seq] mask of `seq` new queries at cache positions start, start+1, ...
+
+    A query attends to the keys at or before its own position that are not left padding (row b's first
+    `padding[b]` positions). A padding query attends to itself alone, so that no row is fully masked (a fully
+    masked row would make NaN, and NaN in a padding position's value would leak through a zero weight).
+
+    Args:
+        padding: [batch] int, the number of left-padding positions of each row.
+        start: the cache position of the first new query (the number of positions already cached).
+        seq: the number of new queries.
+    """
+    keys = torch.arange(start + seq, device=padding.device)  # [k_len]
+    queries = keys[start:, None]  # [seq, 1]
+    real_key = keys[None, :] >= padding[:, None]  # [batch, k_len]
+    allowed = (keys[None, :] <= queries)[None] & real_key[:, None, :]  # [batch, seq, k_len]
+    allowed |= keys[None, :] == queries  # the diagonal, for padding queries
+    return allowed[:, None]
+
+
+@dataclass(eq=False)
+class KVCache:
+    """Keys and values of the positions already processed, per layer, for incremental decoding.
+
+    Filled by a forward pass that is given the cache: each layer stores the keys and values of the new
+    positions at [length, length + seq) and attends over [0, length + seq); `length` then advances by seq.
+    Build one with `Llama.new_cache` (or `KVCache.empty`).
+
+    Attributes:
+        keys, values: per layer, [batch, max_len, kv_heads, head_dim].
+        padding: [batch] int64, left-padding positions of each row (never attended to).
+        length: positions filled so far.
+        mask: the attention mask of the step in progress (set by `begin`, see `cache_attention_mask`).
+    """
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    padding: torch.Tensor
+    length: int = 0
+    mask: torch.Tensor | None = None
+
+    @classmethod
+    def empty(
+        cls,
+        layers: int,
+        batch: int,
+        max_len: int,
+        kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        padding: Sequence[int] | torch.Tensor | None = None,
+    ) -> KVCache:
+        """An empty cache of `max_len` positions; `padding` gives each row's left padding (default none).
+
+        Raises:
+            ValueError: `padding` does not have one entry per row, or an entry outside [0, max_len].
+        """
+        shape = (batch, max_len, kv_heads, head_dim)
+        pad = torch.as_tensor([0] * batch if padding is None else padding, dtype=torch.long, device=device)
+        if pad.shape != (batch,) or bool(((pad < 0) | (pad > max_len)).any()):
+            raise ValueError(
+                f"padding must give a left-padding length in [0, {max_len}] for each of the {batch} rows, "
+                f"got {pad.tolist()}"
+            )
+        return cls(
+            keys=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)],
+            values=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)],
+            padding=pad,
+        )
+
+    @property
+    def max_len(self) -> int:
+        return self.keys[0].shape[1]
+
+    def positions(self, seq: int) -> torch.Tensor:
+        """RoPE position ids [batch, seq] of the next `seq` positions, counted from each row's first real
+        token (0 on padding)."""
+        cache_positions = torch.arange(self.length, self.length + seq, device=self.padding.device)
+        return (cache_positions[None, :] - self.padding[:, None]).clamp(min=0)
+
+    def begin(self, seq: int) -> None:
+        """Prepare a forward pass over `seq` new positions: the mask every layer uses.
+
+        Raises:
+            ValueError: the cache has no room for `seq` more positions.
+        """
+        if self.length + seq > self.max_len:
+            raise ValueError(
+                f"the KV cache holds {self.max_len} positions and {self.length} are used; {seq} more do not "
+                "fit: build the cache with a larger max_len"
+            )
+        self.mask = cache_attention_mask(self.padding, self.length, seq)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new positions' k, v [batch, seq, kv_heads, head_dim] of `layer`; return the layer's
+        keys and values [batch, length + seq, kv_heads, head_dim] over every position so far."""
+        end = self.length + k.shape[1]
+        self.keys[layer][:, self.length : end] = k
+        self.values[layer][:, self.length : end] = v
+        return self.keys[layer][:, :end], self.values[layer][:, :end]
+
+    def end(self, seq: int) -> None:
+        """Finish the forward pass: the `seq` new positions are now cached."""
+        self.length += seq
+        self.mask = None

@@ -7,6 +7,7 @@ Meta's checkpoints (tok_embeddings, layers.N.attention.wq, ...), which is also w
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -14,7 +15,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from hermes.data.sample import IGNORE_INDEX
-from hermes.model.attention import attention
+from hermes.model.attention import KVCache, attention, masked_attention
 from hermes.model.config import LlamaConfig
 from hermes.model.rope import apply_rope, rope_cos_sin, rope_frequencies
 
@@ -57,14 +58,22 @@ class Attention(nn.Module):
         sin: torch.Tensor,
         cu_seqlens: torch.Tensor | None,
         max_seqlen: int | None,
+        cache: KVCache | None = None,
+        layer_id: int = 0,
     ) -> torch.Tensor:
+        """Self-attention of x [batch, seq, dim]; with `cache`, over the cached positions of layer `layer_id`
+        as well (the cache's step must have begun, see `KVCache.begin`)."""
         batch, seq, _ = x.shape
         # -1 rather than n_heads: under tensor parallelism each rank holds a slice of the heads.
         q = self.wq(x).view(batch, seq, -1, self.head_dim)  # [batch, seq, heads, head_dim]
         k = self.wk(x).view(batch, seq, -1, self.head_dim)  # [batch, seq, kv_heads, head_dim]
         v = self.wv(x).view(batch, seq, -1, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = attention(q, k, v, cu_seqlens, max_seqlen, backend=self.backend)
+        if cache is None:
+            out = attention(q, k, v, cu_seqlens, max_seqlen, backend=self.backend)
+        else:
+            k, v = cache.update(layer_id, k, v)  # [batch, cached + seq, kv_heads, head_dim]
+            out = masked_attention(q, k, v, cache.mask)
         return self.wo(out.reshape(batch, seq, -1))
 
     def init_weights(self, out_std: float) -> None:
@@ -107,8 +116,9 @@ class TransformerBlock(nn.Module):
         sin: torch.Tensor,
         cu_seqlens: torch.Tensor | None = None,
         max_seqlen: int | None = None,
+        cache: KVCache | None = None,
     ) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin, cu_seqlens, max_seqlen)
+        h = x + self.attention(self.attention_norm(x), cos, sin, cu_seqlens, max_seqlen, cache, self.layer_id)
         return h + self.feed_forward(self.ffn_norm(h))
 
     def init_weights(self) -> None:
@@ -160,15 +170,60 @@ class Llama(nn.Module):
         bound = 3 * self.config.dim**-0.5
         nn.init.trunc_normal_(self.output.weight, mean=0.0, std=self.config.dim**-0.5, a=-bound, b=bound)
 
+    def new_cache(
+        self,
+        batch: int,
+        max_len: int,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        padding: Sequence[int] | torch.Tensor | None = None,
+    ) -> KVCache:
+        """An empty KV cache for incremental decoding of `batch` rows of up to `max_len` positions.
+
+        Args:
+            batch: rows.
+            max_len: positions per row (prompt plus generated tokens, left padding included).
+            dtype, device: of the cached keys and values; default those of the model's parameters.
+            padding: left-padding positions of each row (prompts of different lengths), default none.
+
+        Raises:
+            ValueError: max_len exceeds the model's context, or a bad `padding` (see `KVCache.empty`).
+        """
+        if max_len > self.config.max_seq_len:
+            raise ValueError(
+                f"a KV cache of {max_len} positions exceeds the model's context of {self.config.max_seq_len}; "
+                "shorten the prompt or the number of new tokens"
+            )
+        weight = self.output.weight
+        return KVCache.empty(
+            layers=len(self.layers),
+            batch=batch,
+            max_len=max_len,
+            kv_heads=self.config.n_kv_heads,
+            head_dim=self.config.attention_head_dim,
+            dtype=dtype or weight.dtype,
+            device=device or weight.device,
+            padding=padding,
+        )
+
     def hidden_states(
         self,
         tokens: torch.Tensor,
         position_ids: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
         max_seqlen: int | None = None,
+        cache: KVCache | None = None,
     ) -> torch.Tensor:
-        """Final normalised hidden states [batch, seq, dim]."""
+        """Final normalised hidden states [batch, seq, dim] (see `forward` for the arguments)."""
         batch, seq = tokens.shape
+        if cache is not None:
+            if cu_seqlens is not None:
+                raise ValueError(
+                    "a KV cache takes one sequence per row; packed rows (cu_seqlens) are not supported"
+                )
+            cache.begin(seq)
+            if position_ids is None:
+                position_ids = cache.positions(seq)
         if position_ids is None:
             if cu_seqlens is not None:
                 raise ValueError("packed rows (cu_seqlens) need position_ids that restart at each sample")
@@ -182,7 +237,9 @@ class Llama(nn.Module):
         )
         cos, sin = rope_cos_sin(position_ids, freqs)
         for layer in self.layers:
-            h = layer(h, cos, sin, cu_seqlens, max_seqlen)
+            h = layer(h, cos, sin, cu_seqlens, max_seqlen, cache)
+        if cache is not None:
+            cache.end(seq)
         return self.norm(h)
 
     def forward(
@@ -192,6 +249,7 @@ class Llama(nn.Module):
         cu_seqlens: torch.Tensor | None = None,
         max_seqlen: int | None = None,
         labels: torch.Tensor | None = None,
+        cache: KVCache | None = None,
     ) -> torch.Tensor:
         """Logits [batch, seq, vocab], or, given `labels`, their log-probabilities.
 
@@ -203,8 +261,11 @@ class Llama(nn.Module):
             labels: [batch, seq] target ids, already shifted (the target of position t), IGNORE_INDEX where
                 untrained. When given, the result is the float32 log-probability of each target, [batch, seq]
                 (0 where ignored), computed in chunks so full float32 logits never exist at once.
+            cache: a `KVCache` (see `new_cache`) for incremental decoding: `tokens` are the next positions of
+                each row; they attend to the cached ones and are added to the cache. position_ids default to
+                the cache positions counted from each row's first real token.
         """
-        hidden = self.hidden_states(tokens, position_ids, cu_seqlens, max_seqlen)
+        hidden = self.hidden_states(tokens, position_ids, cu_seqlens, max_seqlen, cache)
         if labels is None:
             return self.output(hidden)
         return label_logprobs(hidden, self.output, labels)
