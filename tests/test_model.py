@@ -129,7 +129,11 @@ def test_grouped_query_attention_matches_repeated_kv_heads():
     torch.testing.assert_close(gqa(tokens), mha(tokens), atol=1e-5, rtol=1e-5)
 
 
-def test_label_logprobs_equal_log_softmax_of_full_logits_with_gradients():
+@pytest.mark.parametrize("keep_logits_bytes", [0, 2**30], ids=["recompute", "keep"])
+def test_label_logprobs_equal_log_softmax_of_full_logits_with_gradients(monkeypatch, keep_logits_bytes):
+    from hermes.model import llama
+
+    monkeypatch.setattr(llama, "KEEP_LOGITS_BYTES", keep_logits_bytes)
     torch.manual_seed(0)
     model = Llama(SMALL)
     tokens = torch.randint(0, SMALL.vocab_size, (2, 40))
@@ -142,8 +146,6 @@ def test_label_logprobs_equal_log_softmax_of_full_logits_with_gradients():
     expected.sum().backward()
     expected_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
-    from hermes.model import llama
-
     chunked = llama.label_logprobs(model.hidden_states(tokens), model.output, labels, chunk_tokens=7)
     torch.testing.assert_close(chunked, expected.detach(), atol=1e-5, rtol=1e-5)
     chunked.sum().backward()

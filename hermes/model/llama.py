@@ -22,6 +22,10 @@ from hermes.model.rope import apply_rope, rope_cos_sin, rope_frequencies
 LOGPROB_CHUNK_TOKENS = 1024
 """Tokens per chunk when computing label log-probabilities: bounds the float32 logits alive at once."""
 
+KEEP_LOGITS_BYTES = 2**30
+"""Up to this many bytes of float32 logits (all labelled tokens of a forward) are kept for backward;
+beyond it each chunk is recomputed in backward instead (one more output-projection matmul per chunk)."""
+
 
 class RMSNorm(nn.Module):
     """x * rsqrt(mean(x^2) + eps), computed in float32, cast back, times a learned weight."""
@@ -283,25 +287,29 @@ def label_logprobs(
 
     Only labelled positions go through the output projection (in SFT most prompt tokens carry no label, and
     the 128,256-wide head is the largest matmul of a small model). The projection and the float32 softmax
-    run `chunk_tokens` at a time; under autograd each chunk is recomputed in backward instead of kept, so
-    an 8192 x 128256 row never holds its float32 logits at once.
+    run `chunk_tokens` at a time; under autograd, when the float32 logits of all labelled tokens would
+    exceed KEEP_LOGITS_BYTES, each chunk is recomputed in backward instead of kept, so an 8192 x 128256 row
+    never holds its float32 logits at once.
     """
     batch, seq, dim = hidden.shape
     flat_labels = labels.reshape(-1)
     positions = (flat_labels != IGNORE_INDEX).nonzero().squeeze(1)
     selected_hidden = hidden.reshape(-1, dim).index_select(0, positions)
     selected_labels = flat_labels.index_select(0, positions)
+    vocab = output.weight.shape[0]
+    recompute = torch.is_grad_enabled() and positions.numel() * vocab * 4 > KEEP_LOGITS_BYTES
     pieces = []
     for start in range(0, positions.numel(), chunk_tokens):
         h, y = selected_hidden[start : start + chunk_tokens], selected_labels[start : start + chunk_tokens]
-        if torch.is_grad_enabled():
+        if recompute:
             pieces.append(checkpoint(_chunk_logprobs, h, output, y, use_reentrant=False))
         else:
             pieces.append(_chunk_logprobs(h, output, y))
-    logprobs = torch.zeros(batch * seq, dtype=torch.float32, device=hidden.device)
+    # Built as [batch, seq] (not a view of a flat tensor): FSDP warns about views returned from forward.
+    logprobs = torch.zeros(batch, seq, dtype=torch.float32, device=hidden.device)
     if not pieces:
         # Nothing labelled (e.g. an all-padding row): still a result connected to every parameter, since
         # under data parallelism each rank must run a full backward for the gradient collectives.
         first = _chunk_logprobs(hidden.reshape(-1, dim)[:1], output, flat_labels.new_zeros(1))
-        return (logprobs + 0.0 * first.sum()).view(batch, seq)
-    return logprobs.index_put((positions,), torch.cat(pieces)).view(batch, seq)
+        return logprobs + 0.0 * first.sum()
+    return logprobs.index_put((positions // seq, positions % seq), torch.cat(pieces))
