@@ -168,3 +168,15 @@ def test_the_export_gathered_from_fsdp_shards_loads_in_transformers_with_hermes_
         torch.testing.assert_close(theirs(tokens).logits, ours(tokens), atol=1e-5, rtol=1e-5)
         single = load_pretrained(single_process_run / "hf").eval()
         torch.testing.assert_close(single(tokens), ours(tokens), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(("nproc", "tp"), [(2, 2), (4, 2)], ids=["tp2", "fsdp2xtp2"])
+def test_tensor_parallel_and_the_2d_mesh_give_the_losses_of_one_process(
+    workspace, single_process_run, nproc, tp
+):
+    root, data, cache = workspace
+    run_dir = root / f"tp-{nproc}-{tp}"
+    run_launch("sft.py", nproc, [*debug_overrides(run_dir, data, cache, STEPS), "--parallel.tp", str(tp)])
+    for a, b in zip(metrics(single_process_run), metrics(run_dir)):
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-5, rel=1e-5)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)

@@ -134,6 +134,16 @@ class TransformerBlock(nn.Module):
         self.feed_forward.init_weights(out_std)
 
 
+class OutputHead(nn.Linear):
+    """The untied output projection, dim -> vocab. `chunk_logprobs` gives log p(label) for a chunk of
+    tokens; a parallel plan may swap in a subclass that computes it on a vocabulary-sharded weight."""
+
+    def chunk_logprobs(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """hidden [tokens, dim], labels [tokens] -> float32 log-probabilities [tokens]."""
+        logits = self(hidden).float()
+        return -F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="none")
+
+
 class Llama(nn.Module):
     """Llama 3.x decoder.
 
@@ -155,7 +165,7 @@ class Llama(nn.Module):
             TransformerBlock(i, config, attention_backend) for i in range(config.n_layers)
         )
         self.norm = RMSNorm(config.dim, config.norm_eps)
-        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.output = OutputHead(config.dim, config.vocab_size, bias=False)
         if self.output.weight.device.type != "meta":
             self.init_weights()
 
@@ -275,13 +285,8 @@ class Llama(nn.Module):
         return label_logprobs(hidden, self.output, labels)
 
 
-def _chunk_logprobs(hidden: torch.Tensor, output: nn.Module, labels: torch.Tensor) -> torch.Tensor:
-    logits = output(hidden).float()
-    return -F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="none")
-
-
 def label_logprobs(
-    hidden: torch.Tensor, output: nn.Module, labels: torch.Tensor, chunk_tokens: int = LOGPROB_CHUNK_TOKENS
+    hidden: torch.Tensor, output: OutputHead, labels: torch.Tensor, chunk_tokens: int = LOGPROB_CHUNK_TOKENS
 ) -> torch.Tensor:
     """log p(label) for every position, [batch, seq] float32, 0 where the label is IGNORE_INDEX.
 
@@ -302,14 +307,14 @@ def label_logprobs(
     for start in range(0, positions.numel(), chunk_tokens):
         h, y = selected_hidden[start : start + chunk_tokens], selected_labels[start : start + chunk_tokens]
         if recompute:
-            pieces.append(checkpoint(_chunk_logprobs, h, output, y, use_reentrant=False))
+            pieces.append(checkpoint(output.chunk_logprobs, h, y, use_reentrant=False))
         else:
-            pieces.append(_chunk_logprobs(h, output, y))
+            pieces.append(output.chunk_logprobs(h, y))
     # Built as [batch, seq] (not a view of a flat tensor): FSDP warns about views returned from forward.
     logprobs = torch.zeros(batch, seq, dtype=torch.float32, device=hidden.device)
     if not pieces:
         # Nothing labelled (e.g. an all-padding row): still a result connected to every parameter, since
         # under data parallelism each rank must run a full backward for the gradient collectives.
-        first = _chunk_logprobs(hidden.reshape(-1, dim)[:1], output, flat_labels.new_zeros(1))
+        first = output.chunk_logprobs(hidden.reshape(-1, dim)[:1], flat_labels.new_zeros(1))
         return logprobs + 0.0 * first.sum()
     return logprobs.index_put((positions // seq, positions % seq), torch.cat(pieces))

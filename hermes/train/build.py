@@ -24,6 +24,7 @@ from hermes.model.hf import load_pretrained, save_pretrained
 from hermes.model.lora import apply_lora, merge_lora, save_adapter
 from hermes.parallel.fsdp import DTYPES, apply_fsdp
 from hermes.parallel.mesh import ParallelDims, build_mesh, device_type, dp_rank, fsdp_mesh, init_distributed
+from hermes.parallel.tensor_parallel import apply_tensor_parallel
 from hermes.train.metrics import training_flops
 from hermes.train.optim import build_optimizer, build_scheduler
 
@@ -121,6 +122,8 @@ def model(config: Config, env: Environment, lora: LoraConfig | None = None) -> L
         apply_lora(net, rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, targets=tuple(lora.targets))
     net.to(env.device)
     p = config.parallel
+    if p.tp > 1:
+        apply_tensor_parallel(net, env.mesh["tp"])
     return apply_fsdp(net, fsdp_mesh(env.mesh), p.param_dtype, p.reduce_dtype, p.cpu_offload)
 
 

@@ -10,6 +10,7 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
+from torch.distributed.tensor.parallel import loss_parallel
 
 from hermes.config import Config, parse_args
 from hermes.data.loader import StepBatch
@@ -72,31 +73,24 @@ def dpo_step(
         if hasattr(model, "set_requires_gradient_sync"):
             model.set_requires_gradient_sync(i == last)
         micro = micro.to(device)
-        with torch.no_grad(), adapter_disabled(model), _eval_mode(model):
-            reference = sequence_logprobs(model, micro)
-        with neftune(model, neftune_alpha, micro.cu_seqlens):
-            policy = sequence_logprobs(model, micro)
-        pairs = policy.numel() // 2
-        if pairs == 0:  # an all-padding micro-batch: a zero loss still runs the backward collectives
-            (policy.sum() * 0.0).backward()
-            continue
-        loss, metrics = dpo_loss(
-            policy[0::2], policy[1::2], reference[0::2], reference[1::2], beta, label_smoothing
-        )
-        share = pairs / global_pairs
-        (loss * share * dp_size).backward()
+        with loss_parallel():  # a vocabulary-sharded output head's softmax, forward and backward
+            with torch.no_grad(), adapter_disabled(model), _eval_mode(model):
+                reference = sequence_logprobs(model, micro)
+            with neftune(model, neftune_alpha, micro.cu_seqlens):
+                policy = sequence_logprobs(model, micro)
+            pairs = policy.numel() // 2
+            if pairs == 0:  # an all-padding micro-batch: a zero loss still runs the backward collectives
+                (policy.sum() * 0.0).backward()
+                continue
+            chosen, rejected = policy[0::2], policy[1::2]
+            loss, metrics = dpo_loss(
+                chosen, rejected, reference[0::2], reference[1::2], beta, label_smoothing
+            )
+            share = pairs / global_pairs
+            (loss * share * dp_size).backward()
         for key, value in {"loss": loss.detach(), **metrics}.items():
-            totals[key] = totals.get(key, torch.zeros((), device=device)) + value * share
-    keys = (
-        "loss",
-        "rewards/chosen",
-        "rewards/rejected",
-        "rewards/margins",
-        "rewards/accuracies",
-        "logps/chosen",
-        "logps/rejected",
-    )
-    return {key: totals.get(key, torch.zeros((), device=device)) for key in keys}
+            totals[key] += value * share
+    return totals
 
 
 def main(argv: list[str] | None = None) -> Config:

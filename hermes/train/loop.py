@@ -21,6 +21,7 @@ from hermes.config import Config
 from hermes.data.loader import PackedLoader, StepBatch
 from hermes.parallel.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from hermes.train.metrics import H100_BF16_PEAK_FLOPS, MetricsLog, device_memory
+from hermes.train.optim import clip_gradients
 
 StepFn = Callable[[nn.Module, StepBatch], dict[str, torch.Tensor]]
 """Runs forward + backward over a rank's micro-batches of one step and returns metric sums to all-reduce
@@ -54,14 +55,6 @@ class _Preemption:
 
     def restore(self) -> None:
         signal.signal(signal.SIGTERM, self.previous)
-
-
-def _grad_norm(model: nn.Module, max_norm: float) -> float:
-    params = [p for p in model.parameters() if p.grad is not None]
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf, foreach=True)
-    if hasattr(norm, "full_tensor"):  # a DTensor when the gradients are sharded
-        norm = norm.full_tensor()
-    return float(norm)
 
 
 def run(
@@ -124,7 +117,7 @@ def run(
                     f"Lower optim.lr, raise optim.warmup_steps or check the data; resume restarts from "
                     f"{latest_checkpoint(checkpoints) or 'scratch'}."
                 )
-            grad_norm = _grad_norm(state.model, config.train.grad_clip)
+            grad_norm = clip_gradients(state.model, config.train.grad_clip)
             lr = state.scheduler.get_last_lr()[0]
             state.optimizer.step()
             state.scheduler.step()

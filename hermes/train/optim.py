@@ -68,3 +68,26 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: OptimConfig, total
         optimizer,
         lambda step: lr_factor(step, config.warmup_steps, total_steps, config.schedule, config.min_lr_ratio),
     )
+
+
+def clip_gradients(model: nn.Module, max_norm: float) -> float:
+    """Scale all gradients so their global L2 norm is at most `max_norm` (0 = only measure); returns the
+    norm before clipping.
+
+    Gradients may be DTensors on different meshes (FSDP-only parameters and FSDP x TP ones), which torch's
+    clip_grad_norm_ cannot stack together: the norm is taken per mesh, then combined.
+    """
+    groups: dict[object, list[torch.Tensor]] = {}
+    for param in model.parameters():
+        if param.grad is not None:
+            groups.setdefault(getattr(param.grad, "device_mesh", None), []).append(param.grad)
+    squares = 0.0
+    for grads in groups.values():
+        norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+        squares += float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm) ** 2
+    total = math.sqrt(squares)
+    if max_norm > 0 and total > max_norm:
+        scale = max_norm / (total + 1e-6)
+        for grads in groups.values():
+            torch._foreach_mul_(grads, scale)
+    return total

@@ -7,6 +7,7 @@ import sys
 
 import torch
 from torch import nn
+from torch.distributed.tensor.parallel import loss_parallel
 
 from hermes.config import Config, parse_args
 from hermes.data.loader import StepBatch
@@ -29,15 +30,16 @@ def sft_step(model: nn.Module, batch: StepBatch, dp_size: int) -> dict[str, torc
         if hasattr(model, "set_requires_gradient_sync"):  # FSDP: reduce gradients once, after the last
             model.set_requires_gradient_sync(i == last)
         micro = micro.to(device)
-        logprobs = model(
-            micro.tokens,
-            position_ids=micro.position_ids,
-            cu_seqlens=micro.cu_seqlens,
-            max_seqlen=micro.max_seqlen,
-            labels=micro.labels,
-        )
-        loss = sft_loss(logprobs, batch.global_labelled_tokens)
-        (loss * dp_size).backward()
+        with loss_parallel():  # a vocabulary-sharded output head's softmax, forward and backward
+            logprobs = model(
+                micro.tokens,
+                position_ids=micro.position_ids,
+                cu_seqlens=micro.cu_seqlens,
+                max_seqlen=micro.max_seqlen,
+                labels=micro.labels,
+            )
+            loss = sft_loss(logprobs, batch.global_labelled_tokens)
+            (loss * dp_size).backward()
         total += loss.detach()
     return {"loss": total}
 

@@ -1,0 +1,106 @@
+"""Tensor parallelism for Llama on DTensor, with sequence parallelism and loss parallelism.
+
+The plan, per module (the residual stream between blocks is sharded on the sequence dimension):
+
+| module                               | style                                                          |
+|--------------------------------------|----------------------------------------------------------------|
+| tok_embeddings                       | rowwise (vocabulary-sharded table), output sharded on sequence |
+| layers.N.attention_norm, ffn_norm    | sequence parallel                                              |
+| layers.N.attention, feed_forward     | gather the sequence before the projections                     |
+| layers.N.attention.wq / wk / wv      | colwise (each rank holds heads / tp query and kv heads)        |
+| layers.N.attention.wo                | rowwise, output reduce-scattered back to sequence shards       |
+| layers.N.feed_forward.w1 / w3        | colwise                                                        |
+| layers.N.feed_forward.w2             | rowwise, output reduce-scattered back to sequence shards       |
+| norm                                 | gathers the sequence (packed label positions index all of it)   |
+| output                               | colwise (vocabulary-sharded): log-probabilities by loss parallel|
+
+Attention sees the whole sequence of its local heads, so packed rows (cu_seqlens, restarting positions)
+work as they do without tensor parallelism. LoRA-adapted projections are parallelised on their `base`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    PrepareModuleInput,
+    RowwiseParallel,
+    SequenceParallel,
+    parallelize_module,
+)
+
+from hermes.data.sample import IGNORE_INDEX
+from hermes.model.llama import Llama, OutputHead
+
+
+class LossParallelOutputHead(OutputHead):
+    """The output head with a vocabulary-sharded weight: log p(label) comes from a softmax computed across
+    the shards (torch's loss_parallel), so no rank gathers the 128,256-wide logits.
+
+    Forward and backward must run inside `torch.distributed.tensor.parallel.loss_parallel()` (the SFT and
+    DPO steps enter it; it is not re-entrant, so this head does not enter it itself)."""
+
+    def chunk_logprobs(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        logits = self(hidden)  # a DTensor sharded on the vocabulary
+        losses = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="none")
+        return -losses.full_tensor()
+
+
+def check_divisible(model: Llama, tp: int) -> None:
+    """Heads, kv heads and the FFN width must split evenly over the tp ranks."""
+    config = model.config
+    for what, count in (
+        ("n_heads", config.n_heads),
+        ("n_kv_heads", config.n_kv_heads),
+        ("hidden_dim", config.hidden_dim),
+    ):
+        if count % tp:
+            raise ValueError(
+                f"Tensor parallelism tp={tp} needs {what} ({count}) divisible by it; choose parallel.tp among the "
+                f"divisors of {count}"
+            )
+
+
+def _target(block: torch.nn.Module, name: str) -> str:
+    """The Linear to parallelise: `name` itself, or its `base` when LoRA wraps it."""
+    return f"{name}.base" if hasattr(block.get_submodule(name), "base") else name
+
+
+def apply_tensor_parallel(model: Llama, tp_mesh: DeviceMesh) -> Llama:
+    """Shard `model` over `tp_mesh` by the plan in the module docstring (in place; before FSDP)."""
+    check_divisible(model, tp_mesh.size())
+    parallelize_module(
+        model,
+        tp_mesh,
+        {
+            "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
+            "norm": PrepareModuleInput(
+                input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_output=True
+            ),
+            "output": ColwiseParallel(
+                input_layouts=Replicate(), output_layouts=Shard(-1), use_local_output=False
+            ),
+        },
+    )
+    model.output.__class__ = LossParallelOutputHead
+    for block in model.layers:
+        plan = {
+            "attention_norm": SequenceParallel(),
+            # Attention's inputs: x, cos, sin, cu_seqlens, max_seqlen, cache, layer_id; only x is sharded.
+            "attention": PrepareModuleInput(
+                input_layouts=(Shard(1), *[None] * 6), desired_input_layouts=(Replicate(), *[None] * 6)
+            ),
+            "ffn_norm": SequenceParallel(),
+            "feed_forward": PrepareModuleInput(
+                input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)
+            ),
+        }
+        for name in ("attention.wq", "attention.wk", "attention.wv", "feed_forward.w1", "feed_forward.w3"):
+            plan[_target(block, name)] = ColwiseParallel()
+        for name in ("attention.wo", "feed_forward.w2"):
+            plan[_target(block, name)] = RowwiseParallel(output_layouts=Shard(1))
+        parallelize_module(block, tp_mesh, plan)
+    return model
