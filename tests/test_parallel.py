@@ -19,3 +19,37 @@ def test_heads_must_divide_by_tp():
     check_divisible(model, 3)
     with pytest.raises(ValueError, match=r"tp=2 needs n_kv_heads \(3\) divisible by it"):
         check_divisible(model, 2)
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_activation_checkpointing_keeps_loss_gradients_and_parameter_names(mode):
+    import torch
+
+    from hermes.parallel.activation_checkpointing import apply_activation_checkpointing
+
+    config = LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, hidden_dim=64)
+    torch.manual_seed(0)
+    plain = Llama(config)
+    torch.manual_seed(0)
+    checkpointed = apply_activation_checkpointing(Llama(config), mode)
+    assert list(checkpointed.state_dict()) == list(plain.state_dict())
+    tokens = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+    for model in (plain, checkpointed):
+        model(tokens, labels=tokens).sum().backward()
+    for (name, a), (_, b) in zip(plain.named_parameters(), checkpointed.named_parameters()):
+        torch.testing.assert_close(b.grad, a.grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_activation_checkpointing_recomputes_in_backward():
+    import torch
+
+    from hermes.parallel.activation_checkpointing import apply_activation_checkpointing
+
+    config = LlamaConfig(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=64, hidden_dim=64)
+    model = apply_activation_checkpointing(Llama(config), "full")
+    calls = []
+    model.layers[0].feed_forward.register_forward_hook(lambda *args: calls.append(1))
+    tokens = torch.randint(0, 64, (1, 8))
+    with torch.utils.checkpoint.set_checkpoint_early_stop(False):  # recompute the whole block
+        model(tokens, labels=tokens).sum().backward()
+    assert len(calls) == 2  # the forward, and its recomputation in backward

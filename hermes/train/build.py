@@ -22,6 +22,7 @@ from hermes.data.tokenizer import Tokenizer
 from hermes.model import Llama, LlamaConfig
 from hermes.model.hf import load_pretrained, save_pretrained
 from hermes.model.lora import apply_lora, merge_lora, save_adapter
+from hermes.parallel.activation_checkpointing import apply_activation_checkpointing, compile_blocks
 from hermes.parallel.fsdp import DTYPES, apply_fsdp
 from hermes.parallel.mesh import ParallelDims, build_mesh, device_type, dp_rank, fsdp_mesh, init_distributed
 from hermes.parallel.tensor_parallel import apply_tensor_parallel
@@ -109,7 +110,8 @@ def loader(config: Config, env: Environment, dataset: TokenizedDataset, group_si
 
 def model(config: Config, env: Environment, lora: LoraConfig | None = None) -> Llama:
     """The model from a checkpoint or freshly initialised (identically on every rank), with a LoRA adapter
-    when `lora` is given (only the adapter trains), then sharded."""
+    when `lora` is given (only the adapter trains), then parallelised in torchtitan's order: tensor
+    parallel, activation checkpointing, compile, FSDP."""
     dtype = DTYPES[config.model.dtype]
     if config.model.checkpoint:
         net = load_pretrained(config.model.checkpoint, device="cpu", dtype=dtype)
@@ -124,6 +126,9 @@ def model(config: Config, env: Environment, lora: LoraConfig | None = None) -> L
     p = config.parallel
     if p.tp > 1:
         apply_tensor_parallel(net, env.mesh["tp"])
+    apply_activation_checkpointing(net, p.activation_checkpointing)
+    if p.compile:
+        compile_blocks(net)
     return apply_fsdp(net, fsdp_mesh(env.mesh), p.param_dtype, p.reduce_dtype, p.cpu_offload)
 
 
