@@ -3,12 +3,21 @@
 import itertools
 import os
 import signal
+import socket
 import subprocess
 import time
 
 import pytest
 
-from tests.launching import debug_overrides, metrics, run_launch, small_sft_data, torchrun_command
+from tests.launching import (
+    REPO,
+    TORCHRUN,
+    debug_overrides,
+    metrics,
+    run_launch,
+    small_sft_data,
+    torchrun_command,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -180,3 +189,62 @@ def test_tensor_parallel_and_the_2d_mesh_give_the_losses_of_one_process(
     for a, b in zip(metrics(single_process_run), metrics(run_dir)):
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-5, rel=1e-5)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+
+
+def test_hsdp_across_two_simulated_nodes_gives_the_losses_of_one_process(workspace, single_process_run):
+    root, data, cache = workspace
+    run_dir = root / "hsdp"
+    args = [*debug_overrides(run_dir, data, cache, STEPS), "--parallel.dp_replicate", "2"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    nodes = [
+        subprocess.Popen(
+            [
+                *TORCHRUN,
+                "--nnodes",
+                "2",
+                "--nproc_per_node",
+                "2",
+                "--rdzv_backend",
+                "c10d",
+                "--rdzv_endpoint",
+                f"127.0.0.1:{port}",
+                "--rdzv_id",
+                "hsdp-test",
+                str(REPO / "launch" / "sft.py"),
+                *args,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=REPO,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
+        for _ in range(2)
+    ]
+    outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert all(node.returncode == 0 for node in nodes), outputs[0][-3000:]
+    for a, b in zip(metrics(single_process_run), metrics(run_dir)):
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-5, rel=1e-5)
+
+
+@pytest.mark.parametrize("nproc", [2, 1])
+def test_a_tensor_parallel_checkpoint_resumes_on_fsdp_and_on_one_process(
+    workspace, single_process_run, nproc
+):
+    import shutil
+
+    root, data, cache = workspace
+    tp_run = root / "levers-2-2"  # written by the tp2 case above
+    if not (tp_run / "checkpoints" / "step-2" / "COMPLETE").is_file():
+        run_launch("sft.py", 2, [*debug_overrides(tp_run, data, cache, STEPS), "--parallel.tp", "2"])
+    run_dir = root / f"from-tp-{nproc}"
+    shutil.copytree(tp_run / "checkpoints" / "step-2", run_dir / "checkpoints" / "step-2")
+    (run_dir / "metrics.jsonl").write_text(
+        "".join(f"{line}\n" for line in (tp_run / "metrics.jsonl").read_text().splitlines()[:2])
+    )
+    result = run_launch("sft.py", nproc, debug_overrides(run_dir, data, cache, STEPS))
+    assert "Resuming from" in result.stdout
+    for a, b in zip(metrics(single_process_run)[2:], metrics(run_dir)[2:]):
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-5, rel=1e-5)
