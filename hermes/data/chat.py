@@ -34,6 +34,7 @@ ids (128000-128010) are left alone. `hermes_special_tokens` resolves the map for
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -179,6 +180,11 @@ class ChatFormat:
         im_start = self.special_tokens[IM_START]
         self._headers = {role: [im_start, *self.tokenizer.encode(f"{role}\n")] for role in ROLES}
         self._newline = self.tokenizer.encode("\n")
+        # System prompts (a function-calling prompt with its tool schemas, a persona) repeat across many
+        # records: each distinct one is encoded once.
+        self._encode_system = functools.lru_cache(maxsize=4096)(
+            lambda text: tuple(self.tokenizer.encode(text, allowed_special=self._content_tags))
+        )
 
     def render(self, conversation: Conversation) -> Sample:
         """Tokens and labels of a training conversation (assistant turns trained).
@@ -228,7 +234,10 @@ class ChatFormat:
                 raise ValueError(
                     f"{source or 'conversation'}: role {message.role!r} is not one of {', '.join(ROLES)}"
                 )
-            body = self.tokenizer.encode(message.content, allowed_special=self._content_tags)
+            if message.role == "system":
+                body = list(self._encode_system(message.content))
+            else:
+                body = self.tokenizer.encode(message.content, allowed_special=self._content_tags)
             body.append(self._im_end)
             tokens += header + body + self._newline
             labels += [IGNORE_INDEX] * len(header)
