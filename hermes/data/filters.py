@@ -209,11 +209,9 @@ def filter_conversations(
 ) -> Iterator[Conversation]:
     """Yield the conversations that pass the content filters, counting each one in `summary` under `stage`
     as it is consumed."""
-    for conversation in conversations:
-        reason = conversation_problem(conversation, filters)
-        summary.add(stage, conversation.source, reason)
-        if reason is None:
-            yield conversation
+    return _counted(
+        conversations, lambda conversation: conversation_problem(conversation, filters), summary, stage
+    )
 
 
 def filter_pairs(
@@ -223,11 +221,16 @@ def filter_pairs(
     stage: str = "records",
 ) -> Iterator[PreferencePair]:
     """Yield the preference pairs that pass `pair_problem`, counting each in `summary` under `stage`."""
-    for pair in pairs:
-        reason = pair_problem(pair, filters)
-        summary.add(stage, pair.source, reason)
+    return _counted(pairs, lambda pair: pair_problem(pair, filters), summary, stage)
+
+
+def _counted(records: Iterable, problem, summary: FilterSummary, stage: str) -> Iterator:
+    """Yield the records `problem` finds nothing wrong with, counting each in `summary` under `stage`."""
+    for record in records:
+        reason = problem(record)
+        summary.add(stage, record.source, reason)
         if reason is None:
-            yield pair
+            yield record
 
 
 def filter_samples(
