@@ -37,6 +37,10 @@ def test_full_finetuning_holds_16_bytes_per_parameter_over_the_gpus_at_the_optim
     # float32 master 4 + gradient 4 + AdamW exp_avg 4 + exp_avg_sq 4, sharded over 56 GPUs, plus 4 GiB.
     assert result.gpu_phases["optimizer step"] == pytest.approx(16 * n / 56 + 4 * GIB, rel=1e-9)
     assert 115e9 < 16 * n / 56 < 117e9  # the report's arithmetic: 6.5 TB over 56 GPUs
+    # RMSProp: master 4 + gradient 4 + square_avg 4 + the foreach step's sqrt(square_avg) buffer 4.
+    rmsprop = plan(B405, nodes=7, optimizer="rmsprop")
+    assert rmsprop.gpu_phases["optimizer step"] == pytest.approx(16 * n / 56 + 4 * GIB, rel=1e-9)
+    assert rmsprop.gpu_breakdown["optimizer_states"] == pytest.approx(4 * n / 56, rel=1e-9)
 
 
 def test_405b_at_8k_needs_cpu_offload_on_7_nodes_as_the_report_says():

@@ -3,7 +3,9 @@
 The planner mirrors what hermes builds (`hermes.train.build.model`): tensor parallelism with sequence and
 loss parallelism, activation checkpointing, then FSDP2 with one unit per transformer block plus the root
 unit (embedding, final norm, output head), AdamW or RMSProp on the sharded parameters, and LoRA. Activation
-terms are in `hermes.planning.activations`. Sizes are bytes; GiB = 2**30 bytes (an "80 GB" H100 shows
+terms are in `hermes.planning.activations`. Measured on CPU (`hermes.planning.measure`,
+benchmarks/memory.py), a step's growth matches the prediction within 2% where activations and the output
+head dominate; where FSDP's buffers dominate, gloo's collective temporaries add 2-28%. Sizes are bytes; GiB = 2**30 bytes (an "80 GB" H100 shows
 79.6 GiB to nvidia-smi).
 
 Notation: L blocks, d model width, V vocabulary, s = micro_batch * seq_len tokens per micro-batch,
@@ -13,8 +15,8 @@ gradient reduce-scatter (`reduce_dtype`).
 
 Parameters. A block has B = d(H + 2KV)hd + H hd d + 3dF + 2d parameters, the root unit R = 2Vd + d; tensor
 parallelism splits every matrix t ways (norm weights stay whole), giving B_t and R_t per TP rank, and FSDP
-shards those W ways. LoRA of rank k on all seven projections adds A_t = k(7d + 2H hd + 2KV hd + 3F) / t per
-block.
+shards those W ways. LoRA of rank k on all seven projections adds k(7d + 2H hd + 2KV hd + 3F) per block
+(tensor parallelism splits the base projections, not the adapters).
 
 States per GPU (FSDP shards): master weights m, gradients m (FSDP2 casts the reduced gradient back to the
 master dtype), optimizer states 2m (AdamW: exp_avg, exp_avg_sq) or m (RMSProp). Full fine-tuning with
@@ -45,7 +47,8 @@ largest of:
                         its kept activations).
   root reduce:          every block's sharded gradients; the root's unsharded gradients (p) and its
                         reduce-scatter input (r).
-  optimizer step:       all sharded gradients (AdamW / RMSProp run fused on GPU, no extra buffers).
+  optimizer step:       all sharded gradients; hermes' AdamW runs fused on GPU (no temporaries), its
+                        RMSProp foreach (a square-root buffer of the state, m per trained parameter).
 Every phase adds the resident parameters and optimizer states and `gpu_overhead` (default 4 GiB: CUDA
 context ~0.5 GiB, cuBLAS workspaces, NCCL communicator buffers ~1 GiB, caching-allocator fragmentation).
 
@@ -191,7 +194,11 @@ def _check_mesh(
         ("FFN width", c.hidden_dim),
     ):
         if count % tp:
-            good = [n for n in range(1, gpus_per_node + 1) if not gpus_per_node % n and not c.n_kv_heads % n]
+            good = [
+                n
+                for n in range(1, gpus_per_node + 1)
+                if not (gpus_per_node % n or c.n_heads % n or c.n_kv_heads % n or c.hidden_dim % n)
+            ]
             raise ValueError(f"tp = {tp} does not divide the {count} {what} of {name}; use a tp in {good}")
     world = nodes * gpus_per_node
     if world % (dp_replicate * tp):
@@ -294,7 +301,7 @@ def plan(
     # Parameters per rank: TP splits the matrices (norm weights stay whole), FSDP shards the rest.
     block_t = (block_parameters(c) - 2 * d) / tp + 2 * d
     root_t = 2 * V * d / tp + d
-    adapter_t = lora_parameters(c, k) / tp
+    adapter_t = lora_parameters(c, k)  # tensor parallelism splits the base projections, not the adapters
     block_trained = adapter_t if lora else block_t
     root_trained = 0.0 if lora else root_t
     trained = (L * block_trained + root_trained) / shards
@@ -348,7 +355,13 @@ def plan(
             "activations": 0.0,
             "fsdp_buffers": max(root_trained * (p + r), root_trained * r + root_shard_grad),
         },
-        "optimizer step": {"gradients": grads * on_gpu, "activations": 0.0, "fsdp_buffers": 0.0},
+        # hermes' AdamW is fused on GPU (no temporaries); RMSProp runs foreach: a square-root buffer.
+        "optimizer step": {
+            "gradients": grads * on_gpu,
+            "optimizer_states": (states + (optimizer == "rmsprop") * trained * m) * on_gpu,
+            "activations": 0.0,
+            "fsdp_buffers": 0.0,
+        },
     }
     resident = {
         "parameters": params * on_gpu,
