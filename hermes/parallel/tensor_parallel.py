@@ -15,7 +15,17 @@ The plan, per module (the residual stream between blocks is sharded on the seque
 | output                               | colwise (vocabulary-sharded): log-probabilities by loss parallel|
 
 Attention sees the whole sequence of its local heads, so packed rows (cu_seqlens, restarting positions)
-work as they do without tensor parallelism. LoRA-adapted projections are parallelised on their `base`.
+work as they do without tensor parallelism.
+
+A LoRA-adapted projection (`hermes.model.lora.LoRALinear`) is parallelised on its `base` as above, and its
+adapter so that the update lands in the base output's layout:
+
+| base     | lora_A                                            | lora_B                                      |
+|----------|---------------------------------------------------|---------------------------------------------|
+| colwise  | colwise (rank split), output all-gathered         | colwise: output columns match the base's    |
+| rowwise  | rowwise (input split), reduce-scattered on sequence| replicated, applied per token (sequence shards)|
+
+Colwise adapters split the LoRA rank, so it must divide by tp.
 """
 
 from __future__ import annotations
@@ -26,6 +36,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
+    ParallelStyle,
     PrepareModuleInput,
     RowwiseParallel,
     SequenceParallel,
@@ -34,6 +45,7 @@ from torch.distributed.tensor.parallel import (
 
 from hermes.data.sample import IGNORE_INDEX
 from hermes.model.llama import Llama, OutputHead
+from hermes.model.lora import LoRALinear
 
 
 class LossParallelOutputHead(OutputHead):
@@ -64,14 +76,40 @@ def check_divisible(model: Llama, tp: int) -> None:
             )
 
 
-def _target(block: torch.nn.Module, name: str) -> str:
-    """The Linear to parallelise: `name` itself, or its `base` when LoRA wraps it."""
-    return f"{name}.base" if hasattr(block.get_submodule(name), "base") else name
+def _projection_plan(block: torch.nn.Module, name: str, colwise: bool) -> dict[str, ParallelStyle]:
+    """The styles of one projection: the Linear itself, or a LoRA layer's base and adapter."""
+    base = ColwiseParallel() if colwise else RowwiseParallel(output_layouts=Shard(1))
+    if not isinstance(block.get_submodule(name), LoRALinear):
+        return {name: base}
+    if colwise:
+        adapter = {
+            "lora_A": ColwiseParallel(output_layouts=Replicate()),
+            "lora_B": ColwiseParallel(),
+        }
+    else:
+        adapter = {
+            "lora_A": RowwiseParallel(output_layouts=Shard(1)),
+            "lora_B": SequenceParallel(use_local_output=True),
+        }
+    return {f"{name}.base": base, **{f"{name}.{part}": style for part, style in adapter.items()}}
+
+
+def _check_lora_rank(model: Llama, tp: int) -> None:
+    ranks = {layer.rank for layer in model.modules() if isinstance(layer, LoRALinear)}
+    bad = sorted(rank for rank in ranks if rank % tp)
+    if bad:
+        raise ValueError(
+            f"Tensor parallelism tp={tp} splits the LoRA rank of column-parallel adapters, but the rank "
+            f"{bad[0]} is not divisible by it; choose lora.rank as a multiple of {tp}"
+        )
 
 
 def apply_tensor_parallel(model: Llama, tp_mesh: DeviceMesh) -> Llama:
     """Shard `model` over `tp_mesh` by the plan in the module docstring (in place; before FSDP)."""
     check_divisible(model, tp_mesh.size())
+    _check_lora_rank(model, tp_mesh.size())
+    # Some styles (SequenceParallel) re-create parameters as trainable; a frozen base must stay frozen.
+    trainable = {name: param.requires_grad for name, param in model.named_parameters()}
     parallelize_module(
         model,
         tp_mesh,
@@ -99,8 +137,10 @@ def apply_tensor_parallel(model: Llama, tp_mesh: DeviceMesh) -> Llama:
             ),
         }
         for name in ("attention.wq", "attention.wk", "attention.wv", "feed_forward.w1", "feed_forward.w3"):
-            plan[_target(block, name)] = ColwiseParallel()
+            plan |= _projection_plan(block, name, colwise=True)
         for name in ("attention.wo", "feed_forward.w2"):
-            plan[_target(block, name)] = RowwiseParallel(output_layouts=Shard(1))
+            plan |= _projection_plan(block, name, colwise=False)
         parallelize_module(block, tp_mesh, plan)
+    for name, param in model.named_parameters():
+        param.requires_grad_(trainable[name])
     return model
