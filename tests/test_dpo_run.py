@@ -1,6 +1,7 @@
 """End-to-end DPO runs through launch/dpo.py with real gloo processes."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -12,6 +13,8 @@ from tests.launching import metrics, run_launch
 pytestmark = pytest.mark.slow
 
 STEPS = 4
+DETERMINISTIC = ["--dpo.neftune_alpha", "0", "--lora.dropout", "0"]
+TP2 = ["--parallel.tp", "2", "--parallel.dp_shard", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +55,7 @@ def _args(root, name, extra=()):
 
 @pytest.fixture(scope="module")
 def single(workspace):
-    deterministic = ["--dpo.neftune_alpha", "0", "--lora.dropout", "0"]
-    run_launch("dpo.py", 1, _args(workspace, "one", deterministic))
+    run_launch("dpo.py", 1, _args(workspace, "one", DETERMINISTIC))
     return workspace / "one"
 
 
@@ -70,12 +72,45 @@ def test_dpo_run_logs_rewards_and_exports_adapter_and_merged_model(single):
     assert copied["model_max_length"] == 8192
 
 
-def test_two_process_fsdp_dpo_gives_the_losses_of_one_process(workspace, single):
-    deterministic = ["--dpo.neftune_alpha", "0", "--lora.dropout", "0"]
-    run_launch("dpo.py", 2, _args(workspace, "two", deterministic))
-    for a, b in zip(metrics(single), metrics(workspace / "two")):
+def _assert_same_losses(expected: list[dict], got: list[dict]) -> None:
+    assert [r["step"] for r in got] == [r["step"] for r in expected]
+    for a, b in zip(expected, got):
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)
         assert b["rewards/margins"] == pytest.approx(a["rewards/margins"], abs=1e-5)
+        assert b["logps/chosen"] == pytest.approx(a["logps/chosen"], rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def tensor_parallel(workspace):
+    run_launch("dpo.py", 2, _args(workspace, "tp2", [*DETERMINISTIC, *TP2, "--train.export_hf", "false"]))
+    return workspace / "tp2"
+
+
+@pytest.mark.parametrize(
+    ("name", "nproc", "parallel"),
+    [("fsdp2", 2, []), ("fsdp2xtp2", 4, ["--parallel.tp", "2"])],
+)
+def test_fsdp_and_2d_mesh_dpo_give_the_losses_of_one_process(workspace, single, name, nproc, parallel):
+    run_launch(
+        "dpo.py", nproc, _args(workspace, name, [*DETERMINISTIC, *parallel, "--train.export_hf", "false"])
+    )
+    _assert_same_losses(metrics(single), metrics(workspace / name))
+
+
+def test_tensor_parallel_dpo_gives_the_losses_of_one_process(single, tensor_parallel):
+    one = metrics(single)
+    assert one[-1]["rewards/margins"] != pytest.approx(0.0, abs=1e-4)  # the adapter did change the policy
+    _assert_same_losses(one, metrics(tensor_parallel))
+
+
+def test_a_tensor_parallel_dpo_checkpoint_resumes_in_one_process(workspace, single, tensor_parallel):
+    resumed = workspace / "resumed"
+    shutil.copytree(tensor_parallel / "checkpoints" / "step-2", resumed / "checkpoints" / "step-2")
+    result = run_launch(
+        "dpo.py", 1, _args(workspace, "resumed", [*DETERMINISTIC, "--train.export_hf", "false"])
+    )
+    assert "Resuming from" in result.stdout
+    _assert_same_losses(metrics(single)[2:], metrics(resumed))
 
 
 def test_merged_export_equals_base_plus_adapter(workspace, single):
