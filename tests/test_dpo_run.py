@@ -125,3 +125,13 @@ def test_merged_export_equals_base_plus_adapter(workspace, single):
     tokens = torch.randint(0, 128256, (1, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(merged(tokens).logits, adapted(tokens).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_neftune_and_lora_dropout_run_under_tensor_parallelism(workspace):
+    run_dir = workspace / "tp2-noise"
+    args = _args(workspace, "tp2-noise", [*TP2, "--train.max_steps", "2", "--train.export_hf", "false"])
+    run_launch("dpo.py", 2, args)
+    first = metrics(run_dir)[0]
+    # B = 0, so without noise the policy equals the reference and the loss is ln 2; NEFTune moves it.
+    assert first["loss"] != pytest.approx(0.6931472, abs=1e-6)
+    assert abs(first["loss"] - 0.6931472) < 0.05

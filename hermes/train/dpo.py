@@ -62,9 +62,11 @@ def dpo_step(
     beta: float,
     label_smoothing: float,
     neftune_alpha: float,
+    sequence_shard: tuple[int, int] = (0, 1),
 ) -> dict[str, torch.Tensor]:
     """Forward + backward of this rank's pairs; returns per-pair metric sums divided by the global pair count
-    (so the sum over ranks is the global mean). Samples come in (chosen, rejected) order."""
+    (so the sum over ranks is the global mean). Samples come in (chosen, rejected) order.
+    `sequence_shard` is (tensor-parallel rank, degree) under sequence parallelism (for NEFTune)."""
     device = next(model.parameters()).device
     global_pairs = len(batch.global_sample_lengths) // 2
     totals = {key: torch.zeros((), device=device) for key in DPO_METRICS}
@@ -76,7 +78,7 @@ def dpo_step(
         with loss_parallel():  # a vocabulary-sharded output head's softmax, forward and backward
             with torch.no_grad(), adapter_disabled(model), _eval_mode(model):
                 reference = sequence_logprobs(model, micro)
-            with neftune(model, neftune_alpha, micro.cu_seqlens):
+            with neftune(model, neftune_alpha, micro.cu_seqlens, sequence_shard):
                 policy = sequence_logprobs(model, micro)
             pairs = policy.numel() // 2
             if pairs == 0:  # an all-padding micro-batch: a zero loss still runs the backward collectives
@@ -104,10 +106,13 @@ def main(argv: list[str] | None = None) -> Config:
     build.write_resolved_config(config)
     state = TrainState(model, optimizer, scheduler, loader, total_steps, trainable_only_checkpoints=True)
     d = config.dpo
+    sequence_shard = (env.mesh["tp"].get_local_rank(), env.dims.tp)
     run(
         config,
         state,
-        lambda m, b: dpo_step(m, b, env.dims.dp_size, d.beta, d.label_smoothing, d.neftune_alpha),
+        lambda m, b: dpo_step(
+            m, b, env.dims.dp_size, d.beta, d.label_smoothing, d.neftune_alpha, sequence_shard
+        ),
         tp=env.dims.tp,
     )
     build.export_adapter(config, model)
