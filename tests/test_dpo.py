@@ -111,3 +111,34 @@ def test_a_reward_signal_trains_margins_up():
         margins.append(sums["rewards/margins"].item())
         accuracies.append(sums["rewards/accuracies"].item())
     assert margins[-1] > margins[0] + 0.5 and accuracies[-1] >= 0.75
+
+
+@pytest.mark.slow
+def test_on_the_bundled_pairs_rewards_margins_and_accuracies_rise():
+    from hermes.config import DataConfig
+    from hermes.data.chat import ChatFormat
+    from hermes.data.pipeline import build_preference_samples, bundled_example
+    from hermes.data.tokenizer import Tokenizer
+
+    chat = ChatFormat(Tokenizer.default())
+    built = build_preference_samples([bundled_example("preference.jsonl")], chat, DataConfig(seq_len=512), 0)
+    samples = built.samples[:64]  # the first 32 pairs, (chosen, rejected) interleaved
+    torch.manual_seed(0)
+    model = apply_lora(Llama(LlamaConfig.preset("debug")), rank=8, alpha=16.0, dropout=0.0)
+    optimizer = torch.optim.RMSprop([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    loader = PackedLoader(TokenizedDataset.from_samples(samples), 512, 2, 2, 0, 1, 0, 0, group_size=2)
+    epochs: list[list[dict]] = []
+    for _ in range(6):
+        epochs.append([])
+        for _ in range(loader.steps_per_epoch):
+            sums = dpo_step(model, loader.next_batch(), 1, beta=0.1, label_smoothing=0.0, neftune_alpha=0.0)
+            optimizer.step()
+            optimizer.zero_grad()
+            epochs[-1].append({k: v.item() for k, v in sums.items()})
+
+    def mean(epoch, key):
+        return sum(step[key] for step in epoch) / len(epoch)
+
+    # Measured: margins 0.0003 -> 0.60 and accuracies 0.27 -> 0.97 from the first epoch to the sixth.
+    assert mean(epochs[-1], "rewards/margins") > mean(epochs[0], "rewards/margins") + 0.3
+    assert mean(epochs[-1], "rewards/accuracies") > max(0.8, mean(epochs[0], "rewards/accuracies"))
