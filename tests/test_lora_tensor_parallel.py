@@ -1,15 +1,12 @@
 """LoRA under tensor parallelism: the adapted model computes the single-process forward and gradients."""
 
-import os
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from hermes.model import Llama, LlamaConfig
 from hermes.model.lora import adapter_disabled, apply_lora
+from tests.launching import start_gloo_processes
 
 CONFIG = LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=96, hidden_dim=64)
 TP = 2
@@ -43,28 +40,18 @@ def _forward_backward(model: Llama) -> dict:
     return {"logprobs": logprobs.detach(), "reference": reference}
 
 
-def _worker(rank, port, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(TP))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo")
+def _worker(rank, world, out):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.parallel import loss_parallel
 
     from hermes.parallel.tensor_parallel import apply_tensor_parallel
 
-    model = apply_tensor_parallel(_model(), init_device_mesh("cpu", (TP,)))
+    model = apply_tensor_parallel(_model(), init_device_mesh("cpu", (world,)))
     with loss_parallel():
         result = _forward_backward(model)
     result["grads"] = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.requires_grad}
     if rank == 0:
         torch.save(result, out)
-    dist.destroy_process_group()
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
@@ -74,7 +61,7 @@ def test_tensor_parallel_lora_gives_single_process_logprobs_and_adapter_gradient
     expected_grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
     assert len(expected_grads) == 2 * 7 * CONFIG.n_layers
     out = tmp_path / "tp.pt"
-    mp.start_processes(_worker, args=(_free_port(), out), nprocs=TP, start_method="spawn")
+    start_gloo_processes(_worker, TP, out)
     result = torch.load(out)
     torch.testing.assert_close(result["logprobs"], expected["logprobs"], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(result["reference"], expected["reference"], atol=1e-5, rtol=1e-5)

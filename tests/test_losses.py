@@ -1,14 +1,11 @@
 """The SFT loss is the mean over every labelled token of the global batch, however it is split."""
 
 import math
-import os
 import random
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from hermes.data.dataset import TokenizedDataset
@@ -18,6 +15,7 @@ from hermes.data.sample import IGNORE_INDEX, Sample
 from hermes.model import Llama, LlamaConfig
 from hermes.train.losses import dpo_loss, segment_sums, sft_loss
 from hermes.train.sft import sft_step
+from tests.launching import start_gloo_processes
 
 CONFIG = LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, hidden_dim=64)
 SEQ, ROWS = 48, 4
@@ -52,10 +50,7 @@ def _one_pass_reference(dataset):
     return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-def _worker(rank, world, port, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo")
+def _worker(rank, world, out):
     from torch.distributed.device_mesh import init_device_mesh
 
     from hermes.parallel.fsdp import apply_fsdp
@@ -69,13 +64,6 @@ def _worker(rank, world, port, out):
     grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
     if rank == 0:
         torch.save({"loss": loss.item(), "grads": grads}, out)
-    dist.destroy_process_group()
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
@@ -86,11 +74,41 @@ def test_any_split_into_ranks_and_micro_batches_gives_the_one_pass_loss_and_grad
     assert ranks * micro_batches == ROWS
     expected_loss, expected_grads = _one_pass_reference(TokenizedDataset.from_samples(_samples()))
     out = tmp_path / "result.pt"
-    mp.start_processes(_worker, args=(ranks, _free_port(), out), nprocs=ranks, start_method="spawn")
+    start_gloo_processes(_worker, ranks, out)
     result = torch.load(out)
     assert result["loss"] == pytest.approx(expected_loss, rel=1e-5)
     for name, grad in expected_grads.items():
         torch.testing.assert_close(result["grads"][name], grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def _accumulation_worker(rank, world, out):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from hermes.parallel.fsdp import apply_fsdp, sync_gradients_after
+
+    dataset = TokenizedDataset.from_samples(_samples())
+    loader = PackedLoader(dataset, SEQ, ROWS, 1, rank, world, seed=0, pad_id=0)
+    model = apply_fsdp(_model(), init_device_mesh("cpu", (world,)))
+    first = loader.next_batch().micro_batches[0]
+    sync_gradients_after(model, last_micro_batch=False)
+    model(first.tokens, position_ids=first.position_ids, cu_seqlens=first.cu_seqlens).sum().backward()
+    shapes = {
+        n: (tuple(p.grad.to_local().shape), tuple(p.to_local().shape)) for n, p in model.named_parameters()
+    }
+    if rank == 0:
+        torch.save(shapes, out)
+
+
+@pytest.mark.slow
+def test_between_micro_batches_each_rank_holds_only_its_gradient_shard(tmp_path):
+    """A non-final micro-batch still reduce-scatters: 405B's unsharded gradients would not fit any GPU."""
+    out = tmp_path / "shapes.pt"
+    start_gloo_processes(_accumulation_worker, 2, out)
+    shapes = torch.load(out)
+    assert len(shapes) == len(list(_model().parameters()))
+    for name, (grad, param) in shapes.items():
+        assert grad == param, name
+    assert shapes["tok_embeddings.weight"][0] == (CONFIG.vocab_size // 2 + 1, CONFIG.dim)  # 97 rows over 2
 
 
 def test_every_labelled_token_weighs_one_over_the_global_count_whatever_its_row_mates():

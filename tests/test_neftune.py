@@ -46,8 +46,7 @@ def test_a_sequence_chunk_gets_the_scale_of_each_token_s_whole_sample():
     """Sequence parallelism: rank 1 of 2 holds tokens 265..529; a sample straddling the cut keeps the
     scale of its full length, not of the part this rank sees."""
     torch.manual_seed(0)
-    lengths = [8, 120, 400, 2]
-    cu = torch.tensor([0, 8, 128, 528, 530], dtype=torch.int32)
+    cu = torch.tensor([0, 8, 128, 528, 530], dtype=torch.int32)  # samples of 8, 120, 400 and 2 tokens
     model = Llama(CONFIG)
     local = torch.randint(0, 50, (1, 265))  # the second half of a 530-token row
     clean = model.tok_embeddings(local)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from hermes.model.llama import Llama
 
@@ -40,3 +40,14 @@ def apply_fsdp(
         fully_shard(block, reshard_after_forward=i < last, **kwargs)
     fully_shard(model, **kwargs)
     return model
+
+
+def sync_gradients_after(model: torch.nn.Module, last_micro_batch: bool) -> None:
+    """Set up gradient reduction for the next backward of a step with several micro-batches.
+
+    Every micro-batch's gradients are reduce-scattered, so each rank accumulates only its shard (turning
+    gradient sync off instead would keep the whole unsharded gradient until the last micro-batch: the full
+    model's size per rank). Only HSDP's all-reduce across replicas waits for the last micro-batch.
+    """
+    if isinstance(model, FSDPModule):
+        model.set_requires_all_reduce(last_micro_batch)

@@ -16,6 +16,7 @@ from hermes.config import Config, parse_args
 from hermes.data.loader import StepBatch
 from hermes.data.packing import PackedBatch
 from hermes.model.lora import adapter_disabled
+from hermes.parallel.fsdp import sync_gradients_after
 from hermes.train import build
 from hermes.train.loop import TrainState, run
 from hermes.train.losses import dpo_loss, segment_sums
@@ -72,8 +73,7 @@ def dpo_step(
     totals = {key: torch.zeros((), device=device) for key in DPO_METRICS}
     last = len(batch.micro_batches) - 1
     for i, micro in enumerate(batch.micro_batches):
-        if hasattr(model, "set_requires_gradient_sync"):
-            model.set_requires_gradient_sync(i == last)
+        sync_gradients_after(model, last_micro_batch=i == last)
         micro = micro.to(device)
         with loss_parallel():  # a vocabulary-sharded output head's softmax, forward and backward
             with torch.no_grad(), adapter_disabled(model), _eval_mode(model):

@@ -11,6 +11,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 
 from hermes.config import Config, parse_args
 from hermes.data.loader import StepBatch
+from hermes.parallel.fsdp import sync_gradients_after
 from hermes.train import build
 from hermes.train.loop import TrainState, run
 from hermes.train.losses import sft_loss
@@ -27,8 +28,7 @@ def sft_step(model: nn.Module, batch: StepBatch, dp_size: int) -> dict[str, torc
     total = torch.zeros((), device=device)
     last = len(batch.micro_batches) - 1
     for i, micro in enumerate(batch.micro_batches):
-        if hasattr(model, "set_requires_gradient_sync"):  # FSDP: reduce gradients once, after the last
-            model.set_requires_gradient_sync(i == last)
+        sync_gradients_after(model, last_micro_batch=i == last)
         micro = micro.to(device)
         with loss_parallel():  # a vocabulary-sharded output head's softmax, forward and backward
             logprobs = model(
