@@ -88,4 +88,6 @@ def _gloo_process(rank: int, worker: Callable, world: int, port: int, args: tupl
 def start_gloo_processes(worker: Callable, world: int, *args) -> None:
     """Run `worker(rank, world, *args)` in `world` fresh processes joined in a gloo process group (a
     module-level function: the processes are spawned). Raises if any of them fails."""
-    mp.start_processes(_gloo_process, args=(worker, world, free_port(), args), nprocs=world, start_method="spawn")
+    mp.start_processes(
+        _gloo_process, args=(worker, world, free_port(), args), nprocs=world, start_method="spawn"
+    )

@@ -1,6 +1,5 @@
 """LoRA under tensor parallelism: the adapted model computes the single-process forward and gradients."""
 
-
 import pytest
 import torch
 
