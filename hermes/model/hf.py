@@ -236,7 +236,7 @@ def save_pretrained(model: Llama, directory: str | os.PathLike, max_shard_bytes:
     `model.safetensors`) is moved in last.
 
     Parameters that are DTensors (FSDP / TP) are gathered one shard at a time; then every rank must call
-    this, and only rank 0 writes.
+    this, and only rank 0 writes (`hermes.parallel.sharded_hf.save_sharded` writes from the shards instead).
 
     Args:
         model: the model; its parameters' dtype is kept and recorded as config.json's torch_dtype.
@@ -244,21 +244,13 @@ def save_pretrained(model: Llama, directory: str | os.PathLike, max_shard_bytes:
         max_shard_bytes: the largest shard file's payload, in bytes (a single larger tensor gets its own).
     """
     state = model.state_dict()
-    dtype = next(iter(state.values())).dtype
-    groups = _plan_shards([(n, t.numel() * t.element_size()) for n, t in state.items()], max_shard_bytes)
-    if len(groups) == 1:
-        files = [SAFETENSORS_FILE]
-    else:
-        files = [f"model-{k:05d}-of-{len(groups):05d}.safetensors" for k in range(1, len(groups) + 1)]
+    groups = plan_shard_files(state, max_shard_bytes)
     writer = _is_writer()
     directory = Path(directory)
-    staging = None
-    if writer:
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.partial-", dir=directory.parent))
+    staging = new_staging_directory(directory) if writer else None
     try:
         weight_map, total_size = {}, 0
-        for file, group in zip(files, groups):
+        for file, group in groups.items():
             tensors = {hf_name(name): _full_cpu(state[name]) for name in group}
             total_size += sum(t.numel() * t.element_size() for t in tensors.values())
             weight_map.update(dict.fromkeys(tensors, file))
@@ -267,17 +259,37 @@ def save_pretrained(model: Llama, directory: str | os.PathLike, max_shard_bytes:
             del tensors
         if staging is None:
             return
-        config = model.config.to_hf(torch_dtype=str(dtype).removeprefix("torch."))
-        (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-        marker = SAFETENSORS_FILE
-        if len(files) > 1:
-            marker = SAFETENSORS_INDEX
+        if len(groups) > 1:
             index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
             (staging / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
-        _publish(staging, directory, marker)
+        publish_checkpoint(staging, directory, model.config, next(iter(state.values())).dtype)
     finally:
         if staging is not None and staging.exists():
             shutil.rmtree(staging)
+
+
+def plan_shard_files(state: Mapping[str, torch.Tensor], max_shard_bytes: int) -> dict[str, list[str]]:
+    """Safetensors file name -> the state's names it holds, in order, each file at most `max_shard_bytes`
+    (a larger tensor gets a file alone): `model.safetensors` alone, or `model-0000K-of-0000M.safetensors`."""
+    groups = _plan_shards([(n, t.numel() * t.element_size()) for n, t in state.items()], max_shard_bytes)
+    if len(groups) == 1:
+        return {SAFETENSORS_FILE: groups[0]}
+    return {f"model-{k:05d}-of-{len(groups):05d}.safetensors": g for k, g in enumerate(groups, start=1)}
+
+
+def new_staging_directory(directory: Path) -> Path:
+    """A fresh hidden directory beside `directory` (created with its parents) to write a checkpoint into."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{directory.name}.partial-", dir=directory.parent))
+
+
+def publish_checkpoint(staging: Path, directory: Path, config: LlamaConfig, dtype: torch.dtype) -> None:
+    """Add config.json to the safetensors (and index) written into `staging`, then move them into
+    `directory`, the file that makes the checkpoint look complete last."""
+    hf_config = config.to_hf(torch_dtype=str(dtype).removeprefix("torch."))
+    (staging / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
+    marker = SAFETENSORS_INDEX if (staging / SAFETENSORS_INDEX).exists() else SAFETENSORS_FILE
+    _publish(staging, directory, marker)
 
 
 def _publish(staging: Path, directory: Path, marker: str) -> None:
@@ -331,7 +343,7 @@ def load_pretrained(
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"Checkpoint directory {directory} does not exist")
-    if (directory / SAFETENSORS_INDEX).exists() or (directory / SAFETENSORS_FILE).exists():
+    if is_hf_checkpoint(directory):
         config, state = _read_hf(directory, device, dtype)
     elif _meta_shard_files(directory):
         config, state = _read_meta(directory, device, dtype)
@@ -428,10 +440,34 @@ def _hf_weight_files(directory: Path) -> tuple[dict[str, str], str]:
     return dict(weight_map), SAFETENSORS_INDEX
 
 
-def _read_hf(directory: Path, device, dtype) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
-    config = LlamaConfig.from_hf(
-        _read_json(directory / CONFIG_FILE, "a Hugging Face checkpoint needs it beside its safetensors")
+def is_hf_checkpoint(directory: str | os.PathLike) -> bool:
+    """Whether `directory` holds Hugging Face safetensors weights (a single file, or an index)."""
+    directory = Path(directory)
+    return (directory / SAFETENSORS_INDEX).exists() or (directory / SAFETENSORS_FILE).exists()
+
+
+def read_hf_config(directory: str | os.PathLike) -> LlamaConfig:
+    """The model shape a Hugging Face checkpoint's config.json describes.
+
+    Raises:
+        FileNotFoundError: config.json is missing.
+        ValueError: config.json is not valid JSON or not a Llama config.
+    """
+    return LlamaConfig.from_hf(
+        _read_json(Path(directory) / CONFIG_FILE, "a Hugging Face checkpoint needs it beside its safetensors")
     )
+
+
+def check_hf_tensors(directory: str | os.PathLike, expected: Mapping[str, torch.Size]) -> dict[str, _Stored]:
+    """The tensors of a Hugging Face checkpoint by hermes name, checked from the safetensors headers alone
+    (no data is read) against `expected` (hermes name -> shape).
+
+    Raises:
+        FileNotFoundError: a shard the index lists is missing.
+        ValueError: an unreadable index or shard (named), or tensors missing, unexpected or of the wrong
+            shape (all listed, each with its file and both shapes).
+    """
+    directory = Path(directory)
     files, listing = _hf_weight_files(directory)
     stored: dict[str, _Stored] = {}
     unexpected: list[_Stored] = []
@@ -452,7 +488,13 @@ def _read_hf(directory: Path, device, dtype) -> tuple[LlamaConfig, dict[str, tor
             return f"{listing} {'lists' if listing == SAFETENSORS_INDEX else 'holds'} no such tensor"
         return f"{files[name]} does not hold it, though {listing} lists it there"
 
-    _check_against(_expected_shapes(config), stored, unexpected, hf_name, why_missing, directory)
+    _check_against(expected, stored, unexpected, hf_name, why_missing, directory)
+    return stored
+
+
+def _read_hf(directory: Path, device, dtype) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
+    config = read_hf_config(directory)
+    stored = check_hf_tensors(directory, _expected_shapes(config))
     state = {}
     for file in dict.fromkeys(s.file for s in stored.values()):
         with _open_safetensors(directory / file) as handle:

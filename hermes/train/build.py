@@ -20,11 +20,13 @@ from hermes.data.loader import PackedLoader, StepBatch
 from hermes.data.pipeline import prepare_preference_dataset, prepare_sft_dataset
 from hermes.data.tokenizer import Tokenizer
 from hermes.model import Llama, LlamaConfig
-from hermes.model.hf import load_pretrained, save_pretrained
-from hermes.model.lora import apply_lora, merge_lora, save_adapter
+from hermes.model.hf import is_hf_checkpoint, load_pretrained, read_hf_config, save_pretrained
+from hermes.model.lora import apply_lora, init_lora_weights, merge_lora, save_adapter
 from hermes.parallel.activation_checkpointing import apply_activation_checkpointing, compile_blocks
 from hermes.parallel.fsdp import DTYPES, apply_fsdp
+from hermes.parallel.materialize import copy_whole_state, draws_as_one_process
 from hermes.parallel.mesh import ParallelDims, build_mesh, device_type, dp_rank, fsdp_mesh, init_distributed
+from hermes.parallel.sharded_hf import load_sharded, save_sharded
 from hermes.parallel.tensor_parallel import apply_tensor_parallel
 from hermes.train.metrics import training_flops
 from hermes.train.optim import build_optimizer, build_scheduler
@@ -109,27 +111,58 @@ def loader(config: Config, env: Environment, dataset: TokenizedDataset, group_si
 
 
 def model(config: Config, env: Environment, lora: LoraConfig | None = None) -> Llama:
-    """The model from a checkpoint or freshly initialised (identically on every rank), with a LoRA adapter
-    when `lora` is given (only the adapter trains), then parallelised in torchtitan's order: tensor
-    parallel, activation checkpointing, compile, FSDP."""
+    """The model, sharded before it holds any weights: built on the meta device, given a LoRA adapter when
+    `lora` is given (only the adapter trains), parallelised in torchtitan's order (tensor parallel,
+    activation checkpointing, compile, FSDP), materialised shard by shard, then filled:
+
+    - a Hugging Face checkpoint (its config.json gives the shape) is read straight into the shards: each
+      rank reads only the slices it holds, so no rank ever holds the whole model;
+    - a Meta checkpoint (consolidated.NN.pth) is read whole on every rank, and each rank keeps its shards;
+    - a fresh model is initialised whole on the CPU with the run seed, exactly as one process does, and
+      each rank keeps its shards (fresh models are the small ones of tests and experiments).
+
+    The adapter is initialised last, with the run seed, to the same values on any mesh."""
     dtype = DTYPES[config.model.dtype]
-    if config.model.checkpoint:
-        net = load_pretrained(config.model.checkpoint, device="cpu", dtype=dtype)
-    else:
-        torch.manual_seed(config.run.seed)
-        net = Llama(LlamaConfig.preset(config.model.preset)).to(dtype)
+    checkpoint = config.model.checkpoint
+    whole = None if checkpoint and is_hf_checkpoint(checkpoint) else _whole_model(config, dtype)
+    with torch.device("meta"):
+        net = Llama(read_hf_config(checkpoint) if whole is None else whole.config).to(dtype)
     net.set_attention_backend(config.model.attention_backend)
     if lora is not None:
-        torch.manual_seed(config.run.seed)
         apply_lora(net, rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, targets=tuple(lora.targets))
-    net.to(env.device)
+    _parallelize(net, config, env)
+    # FSDP's CPU offload keeps the shards on the CPU.
+    net.to_empty(device="cpu" if config.parallel.cpu_offload else env.device)
+    if whole is None:
+        load_sharded(net, checkpoint)
+    else:
+        copy_whole_state(net, whole.state_dict())
+        del whole
+    if lora is not None:
+        torch.manual_seed(config.run.seed)
+        with draws_as_one_process():
+            init_lora_weights(net)
+    return net
+
+
+def _whole_model(config: Config, dtype: torch.dtype) -> Llama:
+    """A model built whole on the CPU: the Meta checkpoint `model.checkpoint` (a missing or unknown one
+    raises `load_pretrained`'s error), or, with none, a fresh one of `model.preset` seeded with run.seed."""
+    if config.model.checkpoint:
+        return load_pretrained(config.model.checkpoint, device="cpu", dtype=dtype)
+    torch.manual_seed(config.run.seed)
+    return Llama(LlamaConfig.preset(config.model.preset)).to(dtype)
+
+
+def _parallelize(net: Llama, config: Config, env: Environment) -> None:
+    """Tensor parallel, activation checkpointing, compile, FSDP, in place."""
     p = config.parallel
     if p.tp > 1:
         apply_tensor_parallel(net, env.mesh["tp"])
     apply_activation_checkpointing(net, p.activation_checkpointing)
     if p.compile:
         compile_blocks(net)
-    return apply_fsdp(net, fsdp_mesh(env.mesh), p.param_dtype, p.reduce_dtype, p.cpu_offload)
+    apply_fsdp(net, fsdp_mesh(env.mesh), p.param_dtype, p.reduce_dtype, p.cpu_offload)
 
 
 def optimization(config: Config, net: torch.nn.Module, data: PackedLoader):
@@ -160,11 +193,11 @@ def write_resolved_config(config: Config) -> Path:
 
 def export(config: Config, net: torch.nn.Module) -> Path | None:
     """Write the trained model as a Hugging Face directory (<run dir>/hf) when train.export_hf is set.
-    Collective: shards are gathered one tensor at a time and rank 0 writes."""
+    Collective: each rank writes the slices it holds, then rank 0 joins them one tensor at a time."""
     if not config.train.export_hf:
         return None
     directory = config.run_dir / "hf"
-    save_pretrained(net, directory)
+    save_sharded(net, directory)
     if dist.get_rank() == 0:
         copy_tokenizer_files(config, directory)
         print(f"Exported the model to {directory}", flush=True)
