@@ -57,8 +57,9 @@ and the optimizer steps there; the GPU keeps the gathered units, unsharded gradi
 RAM per node = gpus_per_node x per rank: the offloaded states, the CPU optimizer's temporaries (torch's
 foreach AdamW / RMSProp builds a square-root buffer of the second moment: m per trainable parameter) and
 `host_overhead` per process (default 4 GiB: Python, torch and CUDA libraries, NCCL host buffers). Without
-offload only the per-process overhead is counted. Loading a full checkpoint on every rank before sharding
-is not counted.
+offload only the per-process overhead is counted. Hugging Face checkpoints are read straight into the
+shards, so loading adds nothing; a Meta checkpoint or a fresh initialisation is built whole on every rank
+first, which is not counted (it suits small models only).
 """
 
 from __future__ import annotations
