@@ -196,14 +196,19 @@ def from_meta_state_dict(
 # Saving --------------------------------------------------------------------------------------------------
 
 
-def _full_cpu(tensor: torch.Tensor) -> torch.Tensor:
-    """A contiguous CPU copy of the whole tensor (DTensors are gathered: collective, every rank calls)."""
+def whole_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: a DTensor is gathered (collective, every rank calls), anything else is itself."""
     if torch.distributed.is_available():
         from torch.distributed.tensor import DTensor
 
         if isinstance(tensor, DTensor):
-            tensor = tensor.full_tensor()
-    return tensor.detach().to("cpu").contiguous()
+            return tensor.full_tensor()
+    return tensor
+
+
+def _full_cpu(tensor: torch.Tensor) -> torch.Tensor:
+    """A contiguous CPU copy of the whole tensor (DTensors are gathered: collective, every rank calls)."""
+    return whole_tensor(tensor).detach().to("cpu").contiguous()
 
 
 def _plan_shards(sizes: Sequence[tuple[str, int]], max_shard_bytes: int) -> list[list[str]]:

@@ -40,6 +40,7 @@ from hermes.model.hf import (
     _Stored,
     hermes_name,
     hf_name,
+    whole_tensor,
 )
 
 ADAPTER_CONFIG_FILE = "adapter_config.json"
@@ -125,6 +126,12 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
 
+    def delta_weight(self) -> torch.Tensor:
+        """The update as a weight, (alpha / r) * B @ A, whole and in float32 (sharded adapters are gathered:
+        they are small)."""
+        lora_a, lora_b = (whole_tensor(linear.weight).float() for linear in (self.lora_A, self.lora_B))
+        return (lora_b @ lora_a) * self.scale
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
         if self.disabled:
@@ -135,7 +142,8 @@ class LoRALinear(nn.Module):
         return f"rank={self.rank}, alpha={self.alpha:g}, scale={self.scale:g}, disabled={self.disabled}"
 
 
-def _lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
+def lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
+    """The model's LoRA layers with their module names, in module order."""
     return [(name, module) for name, module in model.named_modules() if isinstance(module, LoRALinear)]
 
 
@@ -181,7 +189,7 @@ def apply_lora(
             that already has LoRA layers.
     """
     wanted = _resolve_targets(targets)
-    if _lora_layers(model):
+    if lora_layers(model):
         raise ValueError("The model already has LoRA layers; apply_lora once (merge_lora first to re-apply)")
     chosen = [
         (name, module)
@@ -200,7 +208,7 @@ def apply_lora(
 
 def init_lora_weights(model: nn.Module) -> None:
     """Initialise every adapter in place (A kaiming-uniform, B zeros), e.g. after `to_empty`."""
-    for _, layer in _lora_layers(model):
+    for _, layer in lora_layers(model):
         layer.reset_lora_parameters()
 
 
@@ -211,7 +219,7 @@ def adapter_disabled(model: nn.Module) -> Iterator[nn.Module]:
     Raises:
         ValueError: the model has no LoRA layers (the "reference" would silently be the policy).
     """
-    layers = [layer for _, layer in _lora_layers(model)]
+    layers = [layer for _, layer in lora_layers(model)]
     if not layers:
         raise ValueError("adapter_disabled: the model has no LoRA layers; apply_lora (or load_adapter) first")
     previous = [layer.disabled for layer in layers]
@@ -233,18 +241,24 @@ def merge_lora(model: nn.Module) -> nn.Module:
     parameters stay frozen.
 
     Raises:
-        ValueError: the model is sharded (DTensor parameters); merge an unsharded copy, e.g. one built with
-            `hf.load_pretrained(base)` and `load_adapter(model, adapter)`.
+        ValueError: the model is sharded (DTensor parameters); merge it with
+            `hermes.parallel.materialize.merge_lora_into_shards`, or merge an unsharded copy, e.g. one built
+            with `hf.load_pretrained(base)` and `load_adapter(model, adapter)`.
     """
-    for name, layer in _lora_layers(model):
+    for name, layer in lora_layers(model):
         weight = layer.base.weight
         if _is_dtensor(weight):
             raise ValueError(
-                f"merge_lora: {name}.base.weight is sharded (DTensor); merge an unsharded model, e.g. "
-                "load_pretrained(base) then load_adapter(model, adapter_directory)"
+                f"merge_lora: {name}.base.weight is sharded (DTensor); use "
+                "hermes.parallel.materialize.merge_lora_into_shards, or merge an unsharded model"
             )
-        delta = (layer.lora_B.weight.float() @ layer.lora_A.weight.float()) * layer.scale
-        weight.copy_(weight.float() + delta)
+        weight.copy_(weight.float() + layer.delta_weight())
+    return unwrap_lora(model)
+
+
+def unwrap_lora(model: nn.Module) -> nn.Module:
+    """Put each LoRA layer's base Linear back in its place (the adapters are dropped, merged or not)."""
+    for name, layer in lora_layers(model):
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, layer.base)
     return model
@@ -296,7 +310,7 @@ def hermes_lora_key(key: str) -> str:
 
 def _adapter_settings(model: nn.Module) -> dict:
     """r, lora_alpha, lora_dropout and target_modules (Hugging Face names) of the model's LoRA layers."""
-    layers = _lora_layers(model)
+    layers = lora_layers(model)
     if not layers:
         raise ValueError("The model has no LoRA layers; apply_lora (or load_adapter) first")
     settings = {(layer.rank, layer.alpha, getattr(layer.lora_dropout, "p", 0.0)) for _, layer in layers}
@@ -375,7 +389,7 @@ def _read_adapter_config(path: Path) -> dict:
 def _check_matches(model: nn.Module, config: dict, path: Path) -> None:
     """The model's existing LoRA layers have the config's r and lora_alpha."""
     want = (config["r"], float(config["lora_alpha"]))
-    have = sorted({(layer.rank, layer.alpha) for _, layer in _lora_layers(model)})
+    have = sorted({(layer.rank, layer.alpha) for _, layer in lora_layers(model)})
     if have != [want]:
         raise ValueError(
             f"{path} says r = {want[0]}, lora_alpha = {want[1]:g}, but the model's LoRA layers have "
@@ -414,7 +428,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
             f"{weights_path} is missing: it holds the adapter's tensors; copy it beside {ADAPTER_CONFIG_FILE} "
             "or save the adapter again"
         )
-    if _lora_layers(model):
+    if lora_layers(model):
         _check_matches(model, config, config_path)
     else:
         targets = config["target_modules"]

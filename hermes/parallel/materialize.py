@@ -14,7 +14,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from hermes.model.lora import lora_state_dict
+from hermes.model.lora import lora_layers, lora_state_dict, unwrap_lora
 
 # A LoRA-adapted projection keeps the plain model's Linear as its child `base` (hermes.model.lora).
 _LORA_BASE = re.compile(r"(.+)\.base\.(weight)")
@@ -58,6 +58,23 @@ def copy_whole_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> Non
     """
     for name, target in base_weights(model).items():
         _copy_part(target, state[name])
+
+
+@torch.no_grad()
+def merge_lora_into_shards(model: nn.Module) -> nn.Module:
+    """`hermes.model.lora.merge_lora` for a sharded model: each rank adds to its shard of every base weight
+    its part of (alpha / r) * B @ A (formed whole in float32, one layer at a time, on the weight's device),
+    then the base Linears go back in place. Collective: the small adapters are gathered.
+
+    The merged model serves its weights (`state_dict`, `hermes.parallel.sharded_hf.save_sharded`); its
+    parallel wrappers still hold the dropped adapters, so it is not for further training.
+    """
+    for _, layer in lora_layers(model):
+        weight = layer.base.weight
+        local = weight.to_local() if isinstance(weight, DTensor) else weight
+        delta = layer.delta_weight().to(local.device)
+        local.copy_(local.float() + _local_part(weight, delta))
+    return unwrap_lora(model)
 
 
 class _WholeTensorDraws(TorchDispatchMode):

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh
 
 from hermes.config import Config, LoraConfig
@@ -20,11 +19,11 @@ from hermes.data.loader import PackedLoader, StepBatch
 from hermes.data.pipeline import prepare_preference_dataset, prepare_sft_dataset
 from hermes.data.tokenizer import Tokenizer
 from hermes.model import Llama, LlamaConfig
-from hermes.model.hf import is_hf_checkpoint, load_pretrained, read_hf_config, save_pretrained
-from hermes.model.lora import apply_lora, init_lora_weights, merge_lora, save_adapter
+from hermes.model.hf import is_hf_checkpoint, load_pretrained, read_hf_config
+from hermes.model.lora import apply_lora, init_lora_weights, save_adapter
 from hermes.parallel.activation_checkpointing import apply_activation_checkpointing, compile_blocks
 from hermes.parallel.fsdp import DTYPES, apply_fsdp
-from hermes.parallel.materialize import copy_whole_state, draws_as_one_process
+from hermes.parallel.materialize import copy_whole_state, draws_as_one_process, merge_lora_into_shards
 from hermes.parallel.mesh import ParallelDims, build_mesh, device_type, dp_rank, fsdp_mesh, init_distributed
 from hermes.parallel.sharded_hf import load_sharded, save_sharded
 from hermes.parallel.tensor_parallel import apply_tensor_parallel
@@ -221,20 +220,13 @@ def copy_tokenizer_files(config: Config, directory: Path) -> None:
 
 def export_adapter(config: Config, net: torch.nn.Module) -> Path:
     """Write the LoRA adapter in PEFT's layout (<run dir>/adapter) and, when train.export_hf is set, the
-    merged model as a Hugging Face directory (<run dir>/hf). Collective."""
+    merged model as a Hugging Face directory (<run dir>/hf), merged and written shard by shard (the model
+    is not trainable after). Collective."""
     directory = config.run_dir / "adapter"
     save_adapter(net, directory, base_model_name_or_path=config.model.checkpoint)
     if config.train.export_hf:
-        full = get_model_state_dict(net, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        save_sharded(merge_lora_into_shards(net), config.run_dir / "hf")
         if dist.get_rank() == 0:
-            lora = config.lora
-            with torch.device("meta"):
-                plain = Llama(net.config)
-                apply_lora(
-                    plain, rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, targets=tuple(lora.targets)
-                )
-            plain.load_state_dict(full, assign=True)
-            save_pretrained(merge_lora(plain), config.run_dir / "hf")
             copy_tokenizer_files(config, config.run_dir / "hf")
     if dist.get_rank() == 0:
         print(f"Exported the adapter to {directory}", flush=True)
