@@ -88,7 +88,7 @@ STAGES = {
     "content filters": (filters, "conversation_problem"),
     "render (ChatFormat.render)": (ChatFormat, "render"),
     "  of which Tokenizer.encode": (TiktokenTokenizer, "encode"),
-    "fit to seq_len": (pipeline_module, "fit_to_capacity"),
+    "fit to seq_len": (pipeline_module, "fit_sample"),
     "token filters": (filters, "sample_problem"),
     "pack_lengths": (sys.modules[__name__], "pack_lengths"),
     "PackedBatch.from_rows": (PackedBatch, "from_rows"),

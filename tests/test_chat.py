@@ -112,6 +112,26 @@ def test_tools_are_listed_in_the_system_turn_after_its_own_text(chat):
     )
 
 
+class OrderedSchema(dict):
+    """A dict subclass, as a caller may pass."""
+
+
+def test_tool_schemas_serialize_as_written_whatever_their_value_types(chat):
+    # Schemas equal as Python values but of other JSON types (1, 1.0, true), a dict subclass, non-ASCII
+    # text: each system turn lists its own schemas exactly as json.dumps writes them.
+    variants = [
+        {"name": "f", "default": 1},
+        {"name": "f", "default": 1.0},
+        {"name": "f", "default": True},
+        OrderedSchema(name="f", default=1),
+        {"name": "météo", "default": "°C"},
+    ]
+    for schema in [*variants, *variants]:
+        sample = chat.render(Conversation((Message("user", "q"), Message("assistant", "a")), tools=(schema,)))
+        system_turn = chat.tokenizer.decode(sample.tokens).split("<|im_end|>")[0]
+        assert f"<tools>\n{json.dumps(schema, ensure_ascii=False)}\n</tools>" in system_turn
+
+
 def test_rendering_decodes_to_the_jinja_chatml_template(chat):
     sample = chat.render(Conversation(ALL_ROLES))
     assert chat.tokenizer.decode(sample.tokens) == jinja_chatml(ALL_ROLES)

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from hermes.data.packing import (
     PackedBatch,
+    fit_sample,
     fit_to_capacity,
     pack_lengths,
     packing_efficiency,
@@ -146,6 +147,20 @@ def test_overlong_samples_are_dropped_and_counted() -> None:
 def test_unknown_overlong_policy_is_rejected_with_the_choices() -> None:
     with pytest.raises(ValueError, match=r"'split'.*\('truncate', 'drop'\)"):
         fit_to_capacity([make_sample(3)], capacity=2, overlong="split")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"'split'.*\('truncate', 'drop'\)"):
+        fit_sample(make_sample(1), capacity=2, overlong="split")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="at least 1 token"):
+        fit_sample(make_sample(1), capacity=0)
+
+
+def test_one_sample_is_kept_as_is_truncated_or_dropped() -> None:
+    fits, long = make_sample(5), make_sample(7, first=10, trained_from=2)
+    assert fit_sample(fits, capacity=5, overlong="drop") is fits
+    assert fit_sample(long, capacity=5, overlong="drop") is None
+    cut = fit_sample(long, capacity=5, overlong="truncate")
+    assert cut is not None
+    assert (cut.tokens, cut.labels) == ([10, 11, 12, 13, 14], [IGNORE_INDEX, IGNORE_INDEX, 12, 13, 14])
+    assert (long.tokens, len(long.labels)) == (list(range(10, 17)), 7)  # the input is left whole
 
 
 ROWS = [

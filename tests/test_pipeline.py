@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import re
 from collections import Counter
@@ -10,6 +11,7 @@ from hermes.data import pipeline
 from hermes.data.chat import ChatFormat
 from hermes.data.conversation import Conversation, Message
 from hermes.data.dataset import TokenizedDataset
+from hermes.data.filters import FilterSummary
 from hermes.data.pipeline import prepare_sft_dataset
 from hermes.data.tokenizer import Tokenizer
 
@@ -159,6 +161,50 @@ def test_drop_leaves_out_an_overlong_sample_and_counts_it(chat, tmp_path):
     assert read_json(tmp_path / "run" / "filter_summary.json") == read_json(directory / "filter_summary.json")
 
 
+@pytest.mark.parametrize(("overlong", "truncated"), [("truncate", 1), ("drop", 0)])
+def test_filter_summary_json_counts_the_samples_truncated_to_seq_len(chat, tmp_path, overlong, truncated):
+    data = write_jsonl(
+        tmp_path / "data.jsonl",
+        [
+            openai(("user", "Count."), ("assistant", LONG_TEXT)),  # 1: longer than 32 tokens
+            GOOD[0],
+            openai(("user", "Again."), ("assistant", LONG_TEXT)),  # 3: longer than 32 tokens
+        ],
+    )
+    long_lines = [1, 3]
+    assert len(chat.render(conversation(("user", "Count."), ("assistant", LONG_TEXT)))) > 32
+    directory = prepare(chat, data, tmp_path, seq_len=32, overlong=overlong)
+    seq_len = read_json(directory / "filter_summary.json")["seq_len"]
+    assert seq_len["truncated"] == truncated * len(long_lines)
+    assert seq_len["truncated_examples"] == [f"{data}:{line}" for line in long_lines][: seq_len["truncated"]]
+    assert seq_len["kept"] == 3 - (1 - truncated) * len(long_lines)
+    # The copy in the run directory carries the count too; the other stages never cut, so have no count.
+    report = read_json(tmp_path / "run" / "filter_summary.json")
+    assert report["seq_len"]["truncated"] == truncated * len(long_lines)
+    assert "truncated" not in report["records"] and "truncated" not in report["samples"]
+
+
+def test_a_stage_that_cuts_records_counts_the_truncated_ones_with_examples():
+    summary = FilterSummary(max_examples=2)
+    for source, cut in [("a", True), ("b", False), ("c", True), ("d", True)]:
+        summary.add("seq_len", source, None, truncated=cut)
+    summary.add("seq_len", "e", "longer_than_seq_len", truncated=False)
+    summary.add("records", "r", None)
+    assert summary.truncated("seq_len") == (3, ["a", "c"])
+    assert summary.truncated("records") == (0, [])
+    assert summary.truncated("never_ran") == (0, [])
+    entries = summary.to_dict()
+    assert entries["seq_len"] == {
+        "seen": 5,
+        "kept": 4,
+        "dropped": {"longer_than_seq_len": 1},
+        "examples": {"longer_than_seq_len": ["e"]},
+        "truncated": 3,
+        "truncated_examples": ["a", "c"],
+    }
+    assert "truncated" not in entries["records"]
+
+
 def test_a_sample_truncated_to_its_prompt_is_dropped_as_untrained(chat, tmp_path):
     data = write_jsonl(
         tmp_path / "data.jsonl", [GOOD[0], openai(("user", LONG_TEXT), ("assistant", "Done."))]
@@ -283,3 +329,24 @@ def test_loaded_dataset_equals_the_conversations_rendered_by_chat_format(chat, t
     directory = prepare(chat, write_jsonl(tmp_path / "data.jsonl", records), tmp_path)
     dataset = TokenizedDataset.load(directory)
     assert [dataset[i] for i in range(len(dataset))] == [chat.render(c) for c in expected]
+
+
+def test_records_read_in_chunks_give_the_samples_and_summary_of_one_pass(chat, tmp_path, monkeypatch):
+    monkeypatch.setattr(pipeline, "CHUNK_RECORDS", 3)  # the first chunk holds only dropped records
+    bad = [openai(("user", "Hello?"), ("assistant", " ")), openai(("user", "Anyone?"))]
+    records = [*bad, bad[0], GOOD[0], openai(("user", "Count."), ("assistant", LONG_TEXT)), *bad, GOOD[1]]
+    data = write_jsonl(tmp_path / "data.jsonl", records)
+    built = pipeline.build_sft_samples([data], chat, DataConfig(seq_len=32), seed=0)
+    long_cut = chat.render(conversation(("user", "Count."), ("assistant", LONG_TEXT)))
+    expected = [
+        chat.render(conversation(("user", "What is 2 + 2?"), ("assistant", "2 + 2 = 4."), category="math")),
+        dataclasses.replace(long_cut, tokens=long_cut.tokens[:32], labels=long_cut.labels[:32]),
+        chat.render(conversation(("user", "Name a colour."), ("assistant", "Blue."), category="general")),
+    ]
+    assert built.samples == expected
+    summary = built.summary.to_dict()
+    assert list(summary) == ["records", "seq_len", "samples"]  # the order the stages first ran
+    assert (summary["records"]["seen"], summary["records"]["kept"]) == (8, 3)
+    assert summary["records"]["examples"]["empty_turn"] == [f"{data}:1", f"{data}:3", f"{data}:6"]
+    assert (summary["seq_len"]["truncated"], summary["seq_len"]["truncated_examples"]) == (1, [f"{data}:5"])
+    assert (summary["samples"]["seen"], summary["samples"]["kept"]) == (3, 3)

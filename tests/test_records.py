@@ -212,6 +212,29 @@ def test_format_problems_raise_errors_naming_file_line_field_and_fix(tmp_path, l
     assert "Fix: " in str(error.value)
 
 
+@pytest.mark.parametrize(
+    "line",
+    [
+        '{"messages": []} extra',  # extra data after the object
+        '{"messages": []}\x0c',  # trailing whitespace to str.isspace, not to JSON
+        '\ufeff{"messages": []}',  # a byte order mark after the first line
+        '{"messages": [] ',  # unclosed
+    ],
+)
+def test_a_line_json_loads_rejects_is_an_error_with_its_message(tmp_path, line):
+    with pytest.raises(json.JSONDecodeError) as expected:
+        json.loads(line + "\n")  # the line as read, newline included
+    path = _jsonl(tmp_path / "lines.jsonl", {"messages": []}, line)
+    with pytest.raises(RecordError, match=re.escape(f"{path}:2: not valid JSON ({expected.value})")):
+        list(read_conversations(path))
+
+
+def test_whitespace_json_allows_around_a_record_is_read(tmp_path):
+    record = {"messages": [{"role": "user", "content": "a"}]}
+    path = _jsonl(tmp_path / "padded.jsonl", record, f" \t{json.dumps(record)} \r\t ")
+    assert [c.messages for c in read_conversations(path)] == [(Message("user", "a"),)] * 2
+
+
 def test_preference_pair_without_rejected_names_the_missing_field(tmp_path):
     path = _jsonl(tmp_path / "pairs.jsonl", {"prompt": "q", "chosen": "a"})
     with pytest.raises(RecordError, match=re.escape(f"{path}:1: field 'rejected': missing field. Fix: add")):

@@ -148,6 +148,74 @@ def test_special_token_text_is_plain_unless_allowed(llama3, reference):
     assert llama3.decode([128000, 128009]) == "<|begin_of_text|><|eot_id|>"
 
 
+# Tags made special on reserved ids, and text pieces around them: "<" that opens no tag, broken tags,
+# special-token names that are not allowed, non-ASCII text.
+TAGS = {"<tool_call>": 128041, "</tool_call>": 128042, "<tools>": 128043, "<SCRATCHPAD>": 128050}
+PIECES = [
+    *TAGS,
+    "<",
+    ">",
+    "a < b",
+    "x<y>z",
+    "<tool_call",
+    "tool_call>",
+    "</",
+    "<<tools>>",
+    "<|eot_id|>",
+    "<|begin_of_text|>",
+    '{"name": "f", "arguments": {}}',
+    "hello",
+    " ",
+    "\n",
+    "naïve 😀",
+]
+
+
+@pytest.fixture(scope="module")
+def tagged(llama3) -> Tokenizer:
+    return llama3.with_special_tokens(TAGS)
+
+
+@pytest.fixture(scope="module")
+def tagged_reference(llama3_path, tagged) -> tiktoken.Encoding:
+    """tiktoken used directly with the same special tokens: its special-token path is the reference."""
+    return tiktoken.Encoding(
+        name="tagged-reference",
+        pat_str=PATTERN,
+        mergeable_ranks=load_tiktoken_bpe(str(llama3_path)),
+        special_tokens=tagged.special_tokens,
+    )
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(PIECES), max_size=12).map("".join))
+def test_allowed_tags_encode_as_tiktokens_special_token_path_does(tagged, tagged_reference, text):
+    allowed = frozenset(TAGS)
+    expected = tagged_reference.encode(text, allowed_special=allowed, disallowed_special=())
+    assert tagged.encode(text, allowed_special=allowed) == expected
+    assert tagged.encode(text, allowed_special=set(TAGS), bos=True, eos=True) == [128000, *expected, 128001]
+
+
+@pytest.mark.parametrize("text", ["a < b and c > d", "x<y>z <tool_call <|eot_id|>", "plain", ""])
+def test_text_without_an_allowed_tag_takes_the_fast_path_with_the_same_ids(
+    tagged, tagged_reference, monkeypatch, text
+):
+    expected = tagged_reference.encode(text, allowed_special=frozenset(TAGS), disallowed_special=())
+    assert expected == tagged_reference.encode_ordinary(text)
+
+    def special_path(*args, **kwargs):
+        raise AssertionError("text without an allowed tag went through the special-token path")
+
+    monkeypatch.setattr(tagged._encoding, "encode", special_path)
+    assert tagged.encode(text, allowed_special=frozenset(TAGS)) == expected
+
+
+def test_long_text_without_a_tag_matches_metas_reference_with_tags_allowed(tagged, llama3_path):
+    text = "words < and > brackets " * 1500 + "x" * 30_000 + " tail"
+    expected = MetaTokenizer(llama3_path).encode(text, bos=False, eos=False)
+    assert tagged.encode(text, allowed_special=frozenset(TAGS)) == expected
+
+
 def test_tokenizer_json_agrees_with_tokenizers_library_and_the_rank_file(small_files):
     rank_file, json_file = small_files
     from_model = Tokenizer.from_file(rank_file)

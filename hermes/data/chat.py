@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import functools
 import json
+import marshal
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -181,9 +182,14 @@ class ChatFormat:
         self._headers = {role: [im_start, *self.tokenizer.encode(f"{role}\n")] for role in ROLES}
         self._newline = self.tokenizer.encode("\n")
         # System prompts (a function-calling prompt with its tool schemas, a persona) repeat across many
-        # records: each distinct one is encoded once.
+        # records: each distinct one is encoded once. The function-calling prompt is also built once per
+        # distinct (tool schemas, own system text), keyed by the schemas' `marshal` bytes: equal bytes give
+        # back equal values of the same types, so the same JSON.
         self._encode_system = functools.lru_cache(maxsize=4096)(
             lambda text: tuple(self.tokenizer.encode(text, allowed_special=self._content_tags))
+        )
+        self._memo_tool_system = functools.lru_cache(maxsize=1024)(
+            lambda packed_tools, own: self._tool_system_text(marshal.loads(packed_tools), own)
         )
 
     def render(self, conversation: Conversation) -> Sample:
@@ -220,38 +226,50 @@ class ChatFormat:
         source: str,
     ) -> tuple[list[int], list[int]]:
         """Render messages; assistant turns at index >= train_from are trained."""
-        turns = [
-            (message, message.role == "assistant" and index >= train_from)
-            for index, message in enumerate(messages)
-        ]
         if tools:
-            turns = self._with_tool_prompt(turns, tools)
+            messages, train_from = self._with_tool_prompt(messages, tools, train_from)
         tokens = [self.tokenizer.bos_id]
-        labels = [IGNORE_INDEX]
-        for message, trained in turns:
+        trained_spans = []
+        for index, message in enumerate(messages):
             header = self._headers.get(message.role)
             if header is None:
                 raise ValueError(
                     f"{source or 'conversation'}: role {message.role!r} is not one of {', '.join(ROLES)}"
                 )
             if message.role == "system":
-                body = list(self._encode_system(message.content))
+                body = self._encode_system(message.content)
             else:
                 body = self.tokenizer.encode(message.content, allowed_special=self._content_tags)
-            body.append(self._im_end)
-            tokens += header + body + self._newline
-            labels += [IGNORE_INDEX] * len(header)
-            labels += body if trained else [IGNORE_INDEX] * len(body)
-            labels += [IGNORE_INDEX] * len(self._newline)
+            tokens += header
+            start = len(tokens)
+            tokens += body
+            tokens.append(self._im_end)
+            if message.role == "assistant" and index >= train_from:
+                trained_spans.append((start, len(tokens)))
+            tokens += self._newline
+        labels = [IGNORE_INDEX] * len(tokens)
+        for start, end in trained_spans:
+            labels[start:end] = tokens[start:end]
         return tokens, labels
 
     def _with_tool_prompt(
-        self, turns: list[tuple[Message, bool]], tools: Sequence[dict[str, Any]]
-    ) -> list[tuple[Message, bool]]:
-        """Put the tool prompt in the system turn: after a leading system turn's text, or as a new one."""
+        self, messages: Sequence[Message], tools: Sequence[dict[str, Any]], train_from: int
+    ) -> tuple[list[Message], int]:
+        """Put the tool prompt in the system turn: after a leading system turn's text, or as a new one.
+        Returns the messages and the index to train from in them."""
+        own = messages[0].content if messages and messages[0].role == "system" else None
+        try:
+            packed = marshal.dumps(tools)
+        except ValueError:  # schemas marshal cannot write: built each time
+            prompt = self._tool_system_text(tools, own)
+        else:
+            prompt = self._memo_tool_system(packed, own)
+        if own is None:
+            return [Message("system", prompt), *messages], train_from + 1
+        return [Message("system", prompt), *messages[1:]], train_from
+
+    def _tool_system_text(self, tools: Sequence[dict[str, Any]], own: str | None) -> str:
+        """The tool prompt listing `tools` (one JSON schema per line), after `own` system text if any."""
         schemas = "\n".join(json.dumps(tool, ensure_ascii=False) for tool in tools)
         prompt = self.tool_prompt.replace("{tools}", schemas)
-        if turns and turns[0][0].role == "system":
-            prompt = f"{turns[0][0].content}\n\n{prompt}"
-            turns = turns[1:]
-        return [(Message("system", prompt), False), *turns]
+        return prompt if own is None else f"{own}\n\n{prompt}"

@@ -13,13 +13,15 @@ responses, and removes conversations with missing or empty turns. Here:
   max_tokens), `no_trained_tokens` (`sample.trained_tokens == 0`).
 
 Nothing is dropped silently: each filter records every record it sees in a FilterSummary, which prints as a
-table (`format()`) and writes `filter_summary.json` into the run directory (`write()`).
+table (`format()`) and writes `filter_summary.json` into the run directory (`write()`). The seq_len stage of
+the pipeline also counts there the samples it truncated to fit.
 
 The mixture (`mix`) resamples categories to target token shares; see its docstring.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import math
@@ -103,6 +105,9 @@ class _Stage:
     seen: int = 0
     dropped: Counter[str] = field(default_factory=Counter)
     examples: dict[str, list[str]] = field(default_factory=dict)
+    truncated: int | None = None
+    """Kept records that were cut to fit; None for a stage that never cuts."""
+    truncated_examples: list[str] = field(default_factory=list)
 
     @property
     def kept(self) -> int:
@@ -111,7 +116,8 @@ class _Stage:
 
 @dataclass
 class FilterSummary:
-    """Counts of records seen, kept and dropped per reason, per filtering stage, in the order stages ran.
+    """Counts of records seen, kept and dropped per reason, per filtering stage, in the order stages ran;
+    for a stage that cuts records to fit (seq_len), also how many kept records it cut.
 
     Args:
         max_examples: how many sources ("path:line") to keep per reason as examples.
@@ -120,15 +126,24 @@ class FilterSummary:
     max_examples: int = 3
     stages: dict[str, _Stage] = field(default_factory=dict)
 
-    def add(self, stage: str, source: str, reason: str | None) -> None:
-        """Count one record seen by `stage`: kept when `reason` is None, else dropped for `reason`."""
-        counts = self.stages.setdefault(stage, _Stage())
+    def add(self, stage: str, source: str, reason: str | None, *, truncated: bool | None = None) -> None:
+        """Count one record seen by `stage`: kept when `reason` is None, else dropped for `reason`.
+
+        A stage that cuts records to fit passes `truncated` with every record: whether this one was cut.
+        """
+        counts = self.stages.get(stage)
+        if counts is None:
+            counts = self.stages[stage] = _Stage()
         counts.seen += 1
         if reason is not None:
             counts.dropped[reason] += 1
             examples = counts.examples.setdefault(reason, [])
             if len(examples) < self.max_examples:
                 examples.append(source)
+        if truncated is not None:
+            counts.truncated = (counts.truncated or 0) + int(truncated)
+            if truncated and len(counts.truncated_examples) < self.max_examples:
+                counts.truncated_examples.append(source)
 
     def kept(self, stage: str) -> int:
         """Records `stage` let through."""
@@ -138,17 +153,18 @@ class FilterSummary:
         """Drops of `stage` per reason."""
         return dict(self.stages[stage].dropped)
 
+    def truncated(self, stage: str) -> tuple[int, list[str]]:
+        """How many records `stage` kept but cut to fit, and example sources ((0, []) for a stage that
+        never cuts or never ran)."""
+        counts = self.stages.get(stage)
+        if counts is None or counts.truncated is None:
+            return 0, []
+        return counts.truncated, list(counts.truncated_examples)
+
     def to_dict(self) -> dict[str, Any]:
-        """{stage: {"seen", "kept", "dropped": {reason: count}, "examples": {reason: [source, ...]}}}."""
-        return {
-            name: {
-                "seen": s.seen,
-                "kept": s.kept,
-                "dropped": dict(s.dropped.most_common()),
-                "examples": {reason: s.examples[reason] for reason, _ in s.dropped.most_common()},
-            }
-            for name, s in self.stages.items()
-        }
+        """{stage: {"seen", "kept", "dropped": {reason: count}, "examples": {reason: [source, ...]}}}; a stage
+        that cuts records to fit also has "truncated" (count) and "truncated_examples" ([source, ...])."""
+        return {name: _stage_dict(s) for name, s in self.stages.items()}
 
     def format(self) -> str:
         """A readable table: one line per stage, then one per drop reason with example sources."""
@@ -162,6 +178,20 @@ class FilterSummary:
     def write(self, directory: str | Path) -> Path:
         """Write `filter_summary.json` (the `to_dict()` form) into `directory`; returns its path."""
         return _write_json(Path(directory) / "filter_summary.json", self.to_dict())
+
+
+def _stage_dict(stage: _Stage) -> dict[str, Any]:
+    """The `FilterSummary.to_dict` entry of one stage."""
+    entry: dict[str, Any] = {
+        "seen": stage.seen,
+        "kept": stage.kept,
+        "dropped": dict(stage.dropped.most_common()),
+        "examples": {reason: stage.examples[reason] for reason, _ in stage.dropped.most_common()},
+    }
+    if stage.truncated is not None:
+        entry["truncated"] = stage.truncated
+        entry["truncated_examples"] = stage.truncated_examples
+    return entry
 
 
 def tool_calls_well_formed(text: str) -> bool:
@@ -388,15 +418,18 @@ def mix(
 
 
 def _turns_problem(messages: Sequence[Message]) -> str | None:
-    if any(not m.content.strip() for m in messages):
-        return "empty_turn"
-    if all(m.role != "assistant" for m in messages):
+    roles = []
+    for message in messages:
+        if not message.content or message.content.isspace():
+            return "empty_turn"
+        roles.append(message.role)
+    if "assistant" not in roles:
         return "no_assistant_turn"
     previous = "start"
-    for message in messages:
-        if message.role not in _NEXT_ROLES[previous]:
+    for role in roles:
+        if role not in _NEXT_ROLES[previous]:
             return "bad_turn_order"
-        previous = message.role
+        previous = role
     return None if previous == "assistant" else "bad_turn_order"
 
 
@@ -406,19 +439,30 @@ def _content_problem(
     answers = [m.content for m in messages if m.role == "assistant"]
     if filters.check_tool_calls:
         calls = [_tool_calls(text) for text in answers]
-        if any(c is None for c in calls):
+        if None in calls:
             return "malformed_tool_call"
-        offered = {tool_name(schema) for schema in tools}
-        if tools and any(call["name"] not in offered for c in calls for call in c or ()):
+        names = [call["name"] for c in calls for call in c]
+        if tools and names and not {tool_name(schema) for schema in tools}.issuperset(names):
             return "unknown_tool"
-    phrases = [_fold(p) for p in filters.refusal_phrases]
-    if any(p in _fold(text) for text in answers for p in phrases):
-        return "refusal"
+    if filters.refusal_phrases:
+        refusal = _refusal_pattern(tuple(filters.refusal_phrases))
+        for text in answers:
+            if refusal.search(_fold(text)):
+                return "refusal"
     return None
+
+
+@functools.lru_cache(maxsize=16)
+def _refusal_pattern(phrases: tuple[str, ...]) -> re.Pattern[str]:
+    """A regex that finds any of the folded `phrases` in a folded text: one scan of each assistant turn
+    instead of one per phrase."""
+    return re.compile("|".join(re.escape(_fold(phrase)) for phrase in phrases))
 
 
 def _tool_calls(text: str) -> list[dict[str, Any]] | None:
     """The tool calls of an assistant turn, or None when any is malformed."""
+    if "tool_call>" not in text:  # no tag: the common turn, spared the regex scan
+        return []
     calls = []
     opened_at = None
     for tag in _TOOL_TAG.finditer(text):

@@ -10,11 +10,11 @@ from __future__ import annotations
 import dataclasses
 import gc
 from bisect import bisect_left, insort
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from heapq import heapify, heappop, heappush
-from itertools import accumulate, chain
+from itertools import accumulate, chain, repeat
 from typing import Literal
 
 import numpy as np
@@ -68,7 +68,7 @@ def _add_bins(buckets: dict[int, list[int]], rooms: list[int], room: int, bins: 
 
 
 @contextmanager
-def _gc_paused() -> Iterator[None]:
+def gc_paused() -> Iterator[None]:
     """Hold off the cyclic garbage collector for the duration of the block."""
     enabled = gc.isenabled()
     gc.disable()
@@ -165,7 +165,7 @@ def pack_lengths(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     bin_of = np.repeat(np.asarray(run_bins), np.asarray(run_sizes))  # bin of each sample in `order`
     members = order[np.argsort(bin_of, kind="stable")].tolist()
     ends = np.cumsum(np.bincount(bin_of, minlength=num_bins)).tolist()
-    with _gc_paused():  # many small lists, no cycles: spare them the collector's repeated full passes
+    with gc_paused():  # many small lists, no cycles: spare them the collector's repeated full passes
         return [members[start:end] for start, end in zip([0, *ends[:-1]], ends)]
 
 
@@ -207,21 +207,37 @@ def fit_to_capacity(
     Raises:
         ValueError: for an unknown policy or a capacity below 1.
     """
+    _check_fit_options(capacity, overlong)
+    kept: list[Sample] = []
+    truncated = 0
+    for sample in samples:
+        fitted = fit_sample(sample, capacity, overlong)
+        if fitted is not None:
+            kept.append(fitted)
+            truncated += fitted is not sample
+    return FittedSamples(samples=kept, truncated=truncated, dropped=len(samples) - len(kept))
+
+
+def fit_sample(sample: Sample, capacity: int, overlong: OverlongPolicy = "truncate") -> Sample | None:
+    """`sample` itself when it fits a row of `capacity` tokens; else a new sample of its first `capacity`
+    tokens and labels ("truncate"), or None ("drop").
+
+    Raises:
+        ValueError: for an unknown policy or a capacity below 1.
+    """
+    _check_fit_options(capacity, overlong)
+    if len(sample) <= capacity:
+        return sample
+    if overlong == "drop":
+        return None
+    return dataclasses.replace(sample, tokens=sample.tokens[:capacity], labels=sample.labels[:capacity])
+
+
+def _check_fit_options(capacity: int, overlong: str) -> None:
     if overlong not in OVERLONG_POLICIES:
         raise ValueError(f"Unknown over-long sample policy {overlong!r}; choose one of {OVERLONG_POLICIES}")
     if capacity < 1:
         raise ValueError(f"Packing capacity must be at least 1 token, got {capacity}; set a positive seq_len")
-    kept: list[Sample] = []
-    truncated = 0
-    for sample in samples:
-        if len(sample) <= capacity:
-            kept.append(sample)
-        elif overlong == "truncate":
-            kept.append(
-                dataclasses.replace(sample, tokens=sample.tokens[:capacity], labels=sample.labels[:capacity])
-            )
-            truncated += 1
-    return FittedSamples(samples=kept, truncated=truncated, dropped=len(samples) - len(kept))
 
 
 def _segments(row_lengths: Sequence[Sequence[int]], seq_len: int) -> list[int]:
@@ -238,6 +254,43 @@ def _segments(row_lengths: Sequence[Sequence[int]], seq_len: int) -> list[int]:
 def _cu_seqlens(segments: Sequence[int]) -> torch.Tensor:
     """int32 cumulative offsets [0, s0, s0 + s1, ..., total]."""
     return torch.tensor([0, *accumulate(segments)], dtype=torch.int32)
+
+
+def _row_pieces(
+    rows: Sequence[Sequence[Sample]], seq_len: int, pad_id: int
+) -> tuple[list[Iterable[int]], list[Iterable[int]], list[tuple[int, ...]]]:
+    """The rows' tokens and labels as pieces to concatenate (each sample's lists, then the row's pad run),
+    and each row's sample lengths.
+
+    Raises:
+        ValueError: for a row longer than `seq_len` or an empty sample (the message names the row).
+    """
+    tokens: list[Iterable[int]] = []
+    labels: list[Iterable[int]] = []
+    row_lengths = []
+    for r, row in enumerate(rows):
+        lengths = tuple(map(len, row))
+        if 0 in lengths:
+            raise ValueError(
+                f"Row {r} holds an empty sample (position {lengths.index(0)}); drop empty samples"
+            )
+        used = sum(lengths)
+        if used > seq_len:
+            raise ValueError(
+                f"Row {r} holds {used} tokens, more than seq_len={seq_len}; pack with capacity seq_len"
+            )
+        for sample in row:
+            tokens.append(sample.tokens)
+            labels.append(sample.labels)
+        tokens.append(repeat(pad_id, seq_len - used))
+        labels.append(repeat(IGNORE_INDEX, seq_len - used))
+        row_lengths.append(lengths)
+    return tokens, labels, row_lengths
+
+
+def _int64_values(pieces: Iterable[Iterable[int]], count: int) -> np.ndarray:
+    """The concatenated pieces (`count` values in all) as one int64 array."""
+    return np.fromiter(chain.from_iterable(pieces), dtype=np.int64, count=count)
 
 
 @dataclass(frozen=True)
@@ -280,35 +333,22 @@ class PackedBatch:
         """
         if seq_len < 1:
             raise ValueError(f"seq_len must be at least 1 token, got {seq_len}")
-        tokens: list[int] = []
-        labels: list[int] = []
-        row_lengths = []
-        for r, row in enumerate(rows):
-            lengths = tuple(len(sample) for sample in row)
-            if 0 in lengths:
-                raise ValueError(
-                    f"Row {r} holds an empty sample (position {lengths.index(0)}); drop empty samples"
-                )
-            used = sum(lengths)
-            if used > seq_len:
-                raise ValueError(
-                    f"Row {r} holds {used} tokens, more than seq_len={seq_len}; pack with capacity seq_len"
-                )
-            for sample in row:
-                tokens.extend(sample.tokens)
-                labels.extend(sample.labels[1:])
-                labels.append(IGNORE_INDEX)
-            tokens.extend([pad_id] * (seq_len - used))
-            labels.extend([IGNORE_INDEX] * (seq_len - used))
-            row_lengths.append(lengths)
+        token_pieces, label_pieces, row_lengths = _row_pieces(rows, seq_len, pad_id)
         segments = _segments(row_lengths, seq_len)
         cu_seqlens = _cu_seqlens(segments)
-        starts = torch.repeat_interleave(cu_seqlens[:-1].long(), torch.tensor(segments, dtype=torch.long))
-        position_ids = torch.arange(len(rows) * seq_len) - starts
+        offsets = cu_seqlens.numpy().astype(np.int64)
+        size = len(rows) * seq_len
+        tokens = _int64_values(token_pieces, size)
+        # Each segment's labels move one slot left; its last slot, which no label of its own follows,
+        # is ignored.
+        labels = np.empty(size, dtype=np.int64)
+        labels[:-1] = _int64_values(label_pieces, size)[1:]
+        labels[offsets[1:] - 1] = IGNORE_INDEX
+        position_ids = np.arange(size, dtype=np.int64) - np.repeat(offsets[:-1], segments)
         return cls(
-            tokens=torch.from_numpy(np.array(tokens, dtype=np.int64)).view(len(rows), seq_len),
-            labels=torch.from_numpy(np.array(labels, dtype=np.int64)).view(len(rows), seq_len),
-            position_ids=position_ids.view(len(rows), seq_len),
+            tokens=torch.from_numpy(tokens).view(len(rows), seq_len),
+            labels=torch.from_numpy(labels).view(len(rows), seq_len),
+            position_ids=torch.from_numpy(position_ids).view(len(rows), seq_len),
             cu_seqlens=cu_seqlens,
             max_seqlen=max(segments, default=0),
             row_lengths=tuple(row_lengths),

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from importlib import resources
 from pathlib import Path
+from typing import TypeVar
 
 from hermes.config import DataConfig
 from hermes.data.chat import ChatFormat
@@ -29,20 +31,33 @@ from hermes.data.filters import (
     filter_samples,
     mix,
 )
-from hermes.data.packing import fit_to_capacity
+from hermes.data.packing import fit_sample, gc_paused
 from hermes.data.records import read_conversations, read_preference_pairs
 from hermes.data.sample import Sample
 
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3
 """Bump when the cached layout or the rendering changes, so old caches are not reused."""
 
 REPORT_FILES = ("filter_summary.json", "mixture_summary.json")
 """Files copied from the cache into the run directory."""
 
+T = TypeVar("T")
+
+CHUNK_RECORDS = 1024
+"""Records read, then filtered, then rendered together. Running each stage over a chunk rather than one
+record at a time keeps its code and data (the tokenizer's rank table) in the CPU caches: the build is about
+a fifth faster, and memory stays bounded."""
+
 
 def bundled_example(name: str) -> Path:
     """Path of a bundled example file: "sft.jsonl" or "preference.jsonl"."""
     return Path(str(resources.files("hermes.data.examples") / name))
+
+
+def _chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    """Consecutive lists of `size` items (the last one shorter), read from `items` as they are needed."""
+    iterator = iter(items)
+    return iter(lambda: list(itertools.islice(iterator, size)), [])
 
 
 def _file_digest(path: Path) -> str:
@@ -81,18 +96,17 @@ class BuiltSamples:
 
     samples: list[Sample]
     summary: FilterSummary
-    """Records and samples seen, kept and dropped per reason, per stage."""
-    truncated: list[str]
-    """Sources ("path:line") of the samples cut to seq_len."""
+    """Records and samples seen, kept and dropped per reason, per stage, and the samples the seq_len stage
+    truncated."""
     mixture: Mixture | None
     """The category mixture applied; None when `data.mixture` is empty."""
 
     def format(self) -> str:
         """The filter table, the truncation count, then the mixture table."""
         parts = [self.summary.format()]
-        if self.truncated:
-            examples = ", ".join(self.truncated[:3])
-            parts.append(f"truncated to seq_len: {len(self.truncated)} samples (e.g. {examples})")
+        truncated, examples = self.summary.truncated("seq_len")
+        if truncated:
+            parts.append(f"truncated to seq_len: {truncated} samples (e.g. {', '.join(examples)})")
         if self.mixture is not None:
             parts.append(self.mixture.format())
         return "\n\n".join(parts)
@@ -113,20 +127,25 @@ def build_sft_samples(paths: list[Path], chat: ChatFormat, options: DataConfig, 
     """
     summary = FilterSummary()
     filters = ContentFilters() if options.drop_refusals else ContentFilters(refusal_phrases=())
-    rendered = []
-    truncated = []
-    for conversation in filter_conversations(read_conversations(paths), summary, filters):
-        fitted = fit_to_capacity([chat.render(conversation)], options.seq_len, options.overlong)
-        summary.add("seq_len", conversation.source, "longer_than_seq_len" if fitted.dropped else None)
-        if fitted.truncated:
-            truncated.append(conversation.source)
-        rendered += [(conversation.source, sample) for sample in fitted.samples]
-    kept = [s for _, s in filter_samples(rendered, summary, options.min_tokens, options.max_tokens)]
+    kept: list[Sample] = []
+    with gc_paused():  # records, token lists and samples hold no cycles
+        for chunk in _chunks(read_conversations(paths), CHUNK_RECORDS):
+            conversations = list(filter_conversations(chunk, summary, filters))
+            samples = [chat.render(conversation) for conversation in conversations]
+            fitted = []
+            for conversation, sample in zip(conversations, samples):
+                fitted_sample = fit_sample(sample, options.seq_len, options.overlong)
+                reason = "longer_than_seq_len" if fitted_sample is None else None
+                truncated = fitted_sample is not None and fitted_sample is not sample
+                summary.add("seq_len", conversation.source, reason, truncated=truncated)
+                if fitted_sample is not None:
+                    fitted.append((conversation.source, fitted_sample))
+            kept += [s for _, s in filter_samples(fitted, summary, options.min_tokens, options.max_tokens)]
     mixture = None
     if options.mixture:
         mixture = mix([s.category for s in kept], [len(s) for s in kept], options.mixture, seed)
         kept = [kept[i] for i in mixture.indices]
-    return BuiltSamples(kept, summary, truncated, mixture)
+    return BuiltSamples(kept, summary, mixture)
 
 
 def build_preference_samples(
@@ -149,7 +168,7 @@ def build_preference_samples(
         summary.add("pairs", pair.source, reason)
         if reason is None:
             kept += [chosen, rejected]
-    return BuiltSamples(kept, summary, [], None)
+    return BuiltSamples(kept, summary, None)
 
 
 def prepare_sft_dataset(

@@ -56,6 +56,10 @@ ROLE_ALIASES = {
 
 Paths = str | os.PathLike | Iterable[str | os.PathLike]
 
+_DECODER = json.JSONDecoder()
+_JSON_WHITESPACE = " \t\n\r"
+"""The whitespace JSON allows around a value."""
+
 
 class RecordError(ValueError):
     """A record that cannot be read. The message names `source` ("path:line"), the field and the fix."""
@@ -79,19 +83,20 @@ def iter_records(paths: Paths) -> Iterator[tuple[str, dict[str, Any]]]:
         RecordError: a line is not valid UTF-8, not valid JSON, or not a JSON object.
     """
     for path in [paths] if isinstance(paths, str | os.PathLike) else paths:
+        name = os.fspath(path)
         with open(path, "rb") as lines:
             for number, raw in enumerate(lines, 1):
-                source = f"{os.fspath(path)}:{number}"
+                source = f"{name}:{number}"
                 try:
                     text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
                 except UnicodeDecodeError as error:
                     raise RecordError(
                         source, "", f"not valid UTF-8 ({error})", "save the file as UTF-8"
                     ) from None
-                if not text.strip():
+                if not text or text.isspace():
                     continue
                 try:
-                    record = json.loads(text)
+                    record = _load_json_line(text)
                 except json.JSONDecodeError as error:
                     raise RecordError(
                         source, "", f"not valid JSON ({error})", "write exactly one JSON object per line"
@@ -104,6 +109,17 @@ def iter_records(paths: Paths) -> Iterator[tuple[str, dict[str, Any]]]:
                         "write one JSON object per line",
                     )
                 yield source, record
+
+
+def _load_json_line(text: str) -> Any:
+    """`json.loads(text)`, without its wrappers' cost for the usual line (the value, then the newline)."""
+    try:
+        value, end = _DECODER.raw_decode(text)
+    except json.JSONDecodeError:
+        return json.loads(text)  # leading whitespace, or the error json.loads raises
+    if text[end:].strip(_JSON_WHITESPACE):
+        return json.loads(text)  # raises json.loads' error on the extra data
+    return value
 
 
 def read_conversations(paths: Paths) -> Iterator[Conversation]:
@@ -246,7 +262,7 @@ def _parse_turns(value: Any, source: str, field: str, call_names: dict[str, str]
             f"expected a list of turns, got {_kind(value)}",
             'write [{"role": ..., "content": ...}, ...]',
         )
-    return tuple(_parse_turn(turn, source, f"{field}[{i}]", call_names) for i, turn in enumerate(value))
+    return tuple([_parse_turn(turn, source, f"{field}[{i}]", call_names) for i, turn in enumerate(value)])
 
 
 def _parse_turn(turn: Any, source: str, field: str, call_names: dict[str, str]) -> Message:
@@ -272,7 +288,9 @@ def _parse_turn(turn: Any, source: str, field: str, call_names: dict[str, str]) 
         raise RecordError(
             source, f"{field}.{content_key}", "missing field", f'add "{content_key}": the turn\'s text'
         )
-    content = _content_text(turn.get(content_key), source, f"{field}.{content_key}", allow_null=bool(calls))
+    content = turn.get(content_key)
+    if not isinstance(content, str):
+        content = _content_text(content, source, f"{field}.{content_key}", allow_null=bool(calls))
     if calls:
         blocks = [
             _tool_call_text(call, source, f"{field}.tool_calls[{i}]", call_names)
@@ -285,8 +303,7 @@ def _parse_turn(turn: Any, source: str, field: str, call_names: dict[str, str]) 
 
 
 def _content_text(content: Any, source: str, field: str, allow_null: bool) -> str:
-    if isinstance(content, str):
-        return content
+    """The text of content that is not a plain string: null (allowed beside tool calls) or text parts."""
     if content is None and allow_null:
         return ""
     if isinstance(content, list) and all(

@@ -31,4 +31,7 @@ class Sample:
     @property
     def trained_tokens(self) -> int:
         """Number of tokens that carry a loss (the first token never does: nothing predicts it)."""
-        return max(len(self.labels) - 1 - self.labels[1:].count(IGNORE_INDEX), 0)
+        if not self.labels:
+            return 0
+        ignored_after_first = self.labels.count(IGNORE_INDEX) - (self.labels[0] == IGNORE_INDEX)
+        return len(self.labels) - 1 - ignored_after_first

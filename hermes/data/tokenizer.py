@@ -20,7 +20,7 @@ import itertools
 import json
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence, Set
+from collections.abc import Callable, Mapping, Sequence, Set
 from pathlib import Path
 from typing import Literal
 
@@ -67,6 +67,14 @@ _ACCEPTED = (
 _TIKTOKEN_LINE = re.compile(rb"[A-Za-z0-9+/]+={0,2} \d+")
 
 AllowedSpecial = Literal["all"] | Set[str]
+_SpecialSearch = tuple[frozenset[str], Callable[[str], re.Match[str] | None] | None]
+"""Allowed special-token names, and a search for any of them in a text (None when none is allowed)."""
+
+
+@functools.lru_cache(maxsize=64)
+def _special_text_pattern(names: frozenset[str]) -> re.Pattern[str]:
+    """A regex that finds whether a text holds any of `names`."""
+    return re.compile("|".join(re.escape(name) for name in sorted(names)))
 
 
 class TokenizerFileError(ValueError):
@@ -325,6 +333,7 @@ class TiktokenTokenizer(Tokenizer):
         source: str,
     ) -> None:
         super().__init__(special_tokens, source)
+        self._searches: dict[frozenset[str] | str, _SpecialSearch] = {}
         self._ranks = mergeable_ranks
         self._pattern = pattern
         self._encoding = tiktoken.Encoding(
@@ -362,14 +371,40 @@ class TiktokenTokenizer(Tokenizer):
         eos: bool = False,
         allowed_special: AllowedSpecial = frozenset(),
     ) -> list[int]:
-        allowed = self._allowed(allowed_special)
+        allowed, find_special = self._special_search(allowed_special)
+        if find_special is not None and find_special(text):
+            ids = self._encode_pieces(text, allowed)
+        elif len(text) <= _MAX_RUN_CHARS:
+            # Fast path: with no allowed name in the text, tiktoken's special-token path would give
+            # exactly its ordinary encoding (most turns of a conversation hold no tag).
+            ids = self._encoding.encode_ordinary(text)
+        else:
+            ids = self._encode_pieces(text, frozenset())
+        if bos:
+            ids.insert(0, self.bos_id)
+        if eos:
+            ids.append(self.eos_id)
+        return ids
+
+    def _special_search(self, allowed_special: AllowedSpecial) -> _SpecialSearch:
+        """The allowed names and a search for them in a text (None when none is allowed); memoized for
+        the frozensets (and "all") that callers pass again and again."""
+        memo = isinstance(allowed_special, frozenset | str)
+        search = self._searches.get(allowed_special) if memo else None
+        if search is None:
+            allowed = self._allowed(allowed_special)
+            search = (allowed, _special_text_pattern(allowed).search if allowed else None)
+            if memo:
+                self._searches[allowed_special] = search
+        return search
+
+    def _encode_pieces(self, text: str, allowed: frozenset[str]) -> list[int]:
+        """The general path: tiktoken's special-token encoding of each piece of `split_long_text`."""
         pieces = split_long_text(text)
         if len(pieces) == 1:
-            ids = self._encoding.encode(text, allowed_special=allowed, disallowed_special=())
-        else:
-            batches = self._encoding.encode_batch(pieces, allowed_special=allowed, disallowed_special=())
-            ids = list(itertools.chain.from_iterable(batches))
-        return [self.bos_id] * bos + ids + [self.eos_id] * eos
+            return self._encoding.encode(text, allowed_special=allowed, disallowed_special=())
+        batches = self._encoding.encode_batch(pieces, allowed_special=allowed, disallowed_special=())
+        return list(itertools.chain.from_iterable(batches))
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._encoding.decode(list(ids))
