@@ -9,8 +9,11 @@ in result:
 - "flash": flash-attn's `flash_attn_varlen_func` (CUDA, fp16/bf16, `pip install hermes[gpu]`).
 - "varlen": torch's own `torch.nn.attention.varlen.varlen_attn` (CUDA, fp16/bf16, torch >= 2.10).
 - "flex": torch's `flex_attention` with a document-causal block mask (compiled on CUDA; forward only on CPU).
-- "reference": torch SDPA with a block-diagonal causal mask; any device, dtype and autograd.
-- "auto": the first of flash, varlen, flex that fits the device and dtype, else reference.
+- "segments": torch SDPA run on each sample alone (a Python loop over samples): any device, dtype and
+  autograd, and only each sample's own query-key pairs are computed; the CPU path.
+- "reference": torch SDPA with a block-diagonal causal mask over each whole row; any device, dtype and
+  autograd; the definition the others are tested against.
+- "auto": the first of flash, varlen, flex that fits a CUDA device and dtype, else segments.
 
 Incremental decoding (generation) goes through `masked_attention` instead: the new queries attend to the keys
 and values kept in a `KVCache`, with an explicit boolean mask (`cache_attention_mask`) that is causal from the
@@ -28,7 +31,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("auto", "flash", "varlen", "flex", "reference")
+BACKENDS = ("auto", "flash", "varlen", "flex", "segments", "reference")
 
 
 def segment_ids(cu_seqlens: torch.Tensor, batch: int, seq: int) -> torch.Tensor:
@@ -151,10 +154,24 @@ def _packed_reference(q, k, v, cu_seqlens, max_seqlen):
     return reference_attention(q, k, v, cu_seqlens)
 
 
+def per_sample_attention(q, k, v, cu_seqlens, max_seqlen):
+    """Causal SDPA over each sample of the flattened tokens on its own: work grows with the sum of the
+    squared sample lengths, not with the squared row length (a dense mask's cost)."""
+    batch, seq = q.shape[:2]
+    flat = [x.reshape(1, batch * seq, *x.shape[2:]).transpose(1, 2) for x in (q, k, v)]
+    bounds = cu_seqlens.tolist()
+    pieces = [
+        F.scaled_dot_product_attention(*(x[:, :, start:end] for x in flat), is_causal=True, enable_gqa=True)
+        for start, end in zip(bounds[:-1], bounds[1:])
+    ]
+    return torch.cat(pieces, dim=2).transpose(1, 2).reshape(q.shape)
+
+
 _IMPLEMENTATIONS = {
     "flash": flash_attention,
     "varlen": torch_varlen_attention,
     "flex": flex_attention_packed,
+    "segments": per_sample_attention,
     "reference": _packed_reference,
 }
 
@@ -180,7 +197,7 @@ def available_backends(device: torch.device | str, dtype: torch.dtype) -> list[s
         if half and _has_torch_varlen():
             names.append("varlen")
         names.append("flex")
-    names.append("reference")
+    names += ["segments", "reference"]
     return names
 
 
