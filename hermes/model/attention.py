@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import inspect
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -162,7 +163,7 @@ def per_sample_attention(q, k, v, cu_seqlens, max_seqlen):
     bounds = cu_seqlens.tolist()
     pieces = [
         F.scaled_dot_product_attention(*(x[:, :, start:end] for x in flat), is_causal=True, enable_gqa=True)
-        for start, end in zip(bounds[:-1], bounds[1:])
+        for start, end in itertools.pairwise(bounds)
     ]
     return torch.cat(pieces, dim=2).transpose(1, 2).reshape(q.shape)
 
