@@ -1,11 +1,13 @@
 """End-to-end SFT runs through launch/sft.py with real gloo processes."""
 
+import contextlib
 import itertools
 import os
 import signal
 import socket
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -82,8 +84,35 @@ def _kill_after_checkpoint(args, nproc, checkpoint):
         assert proc.poll() is None, "the run ended before writing its checkpoint"
         assert time.monotonic() < deadline, "no checkpoint within the time limit"
         time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
+    # torchrun starts each worker in a session of its own: kill the whole tree, not only its group.
+    tree = _process_tree(proc.pid)
+    for pid in tree:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     proc.wait()
+    while any(Path(f"/proc/{pid}").exists() and not _is_zombie(pid) for pid in tree[1:]):
+        time.sleep(0.05)
+
+
+def _process_tree(root: int) -> list[int]:
+    """`root` and every process descending from it (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            children.setdefault(parent, []).append(int(stat.parent.name))
+    tree, pending = [], [root]
+    while pending:
+        pid = pending.pop()
+        tree.append(pid)
+        pending += children.get(pid, [])
+    return tree
+
+
+def _is_zombie(pid: int) -> bool:
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    return True
 
 
 @pytest.mark.parametrize(("first_nproc", "second_nproc"), [(2, 2), (2, 1)])
