@@ -39,20 +39,16 @@ Usage (defaults shown):
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import socket
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from _common import run_on_processes
 from torch import nn
 
 from hermes.config import OptimConfig
@@ -273,24 +269,10 @@ def run_single_process(
 
 
 def _fsdp_worker(
-    rank: int,
-    port: int,
-    dataset: TokenizedDataset,
-    pad_id: int,
-    config: LlamaConfig,
-    shape: Shape,
-    steps: tuple[int, int],
-    out: str,
-) -> None:
-    """One of FSDP_PROCESSES processes: the real step on this rank's share; rank 0 writes the timings."""
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(FSDP_PROCESSES),
-    )
-    torch.set_num_threads(1)
+    dataset: TokenizedDataset, pad_id: int, config: LlamaConfig, shape: Shape, steps: tuple[int, int]
+) -> dict:
+    """One of FSDP_PROCESSES processes: the real step on this rank's share; returns the timings (each
+    step's slowest rank)."""
     init_distributed()
     mesh = build_mesh(ParallelDims(1, -1, 1, FSDP_PROCESSES))
     torch.manual_seed(SEED)
@@ -310,29 +292,18 @@ def _fsdp_worker(
             result.first_loss = float(total_loss)
         if i >= warmup:
             result.record(batch.global_real_tokens, shape.rows * shape.seq_len, *slowest.tolist())
-    if rank == 0:
-        Path(out).write_text(json.dumps(result.__dict__))
     dist.barrier()
     dist.destroy_process_group()
+    return result.__dict__
 
 
 def run_fsdp(
     dataset: TokenizedDataset, pad_id: int, config: LlamaConfig, shape: Shape, args: argparse.Namespace
 ) -> Result:
     """The hermes step on FSDP_PROCESSES spawned processes (gloo)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with tempfile.TemporaryDirectory() as tmp:
-        out = str(Path(tmp) / "result.json")
-        steps = (args.warmup, args.steps)
-        mp.spawn(
-            _fsdp_worker,
-            args=(port, dataset, pad_id, config, shape, steps, out),
-            nprocs=FSDP_PROCESSES,
-            join=True,
-        )
-        return Result(**json.loads(Path(out).read_text()))
+    steps = (args.warmup, args.steps)
+    results = run_on_processes(_fsdp_worker, FSDP_PROCESSES, dataset, pad_id, config, shape, steps)
+    return Result(**results[0])
 
 
 def print_cpu_table(results: list[Result], header: str) -> None:
