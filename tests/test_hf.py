@@ -1,6 +1,7 @@
 import json
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -406,15 +407,23 @@ def test_fsdp_sharded_parameters_are_gathered_when_saved(tmp_path):
 # Bad input --------------------------------------------------------------------------------------------------
 
 
-def test_wrong_shape_missing_and_unexpected_tensors_are_all_named_with_shapes_and_file(tmp_path):
-    save_pretrained(_model(), tmp_path / "ckpt")
-    path = tmp_path / "ckpt" / "model.safetensors"
+def write_mismatched_checkpoint(directory: Path, unexpected: dict[str, torch.Tensor] | None = None) -> None:
+    """A checkpoint of `_model()` whose q_proj of block 0 is (60, 64) instead of (64, 64), whose up_proj of
+    block 1 is missing, and that holds the `unexpected` tensors too."""
+    save_pretrained(_model(), directory)
+    path = directory / "model.safetensors"
     tensors = load_file(path)
     tensors["model.layers.0.self_attn.q_proj.weight"] = torch.zeros(60, 64)
     del tensors["model.layers.1.mlp.up_proj.weight"]
-    tensors["model.layers.0.self_attn.q_norm.weight"] = torch.zeros(16)
-    tensors["model.layers.2.mlp.gate_proj.weight"] = torch.zeros(128, 64)
-    save_file(tensors, path)
+    save_file({**tensors, **(unexpected or {})}, path)
+
+
+def test_wrong_shape_missing_and_unexpected_tensors_are_all_named_with_shapes_and_file(tmp_path):
+    unexpected = {
+        "model.layers.0.self_attn.q_norm.weight": torch.zeros(16),
+        "model.layers.2.mlp.gate_proj.weight": torch.zeros(128, 64),
+    }
+    write_mismatched_checkpoint(tmp_path / "ckpt", unexpected)
 
     with pytest.raises(ValueError) as err:
         load_pretrained(tmp_path / "ckpt")

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from hermes.model import Llama, LlamaConfig
 from hermes.model.hf import load_pretrained, save_pretrained
@@ -13,20 +13,7 @@ from hermes.model.lora import apply_lora, init_lora_weights
 from hermes.parallel.materialize import plain_name
 from hermes.parallel.sharded_hf import load_sharded, save_sharded
 from tests.launching import TORCHRUN, run_command
-
-SMALL = LlamaConfig(
-    dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, hidden_dim=128, max_seq_len=64
-)
-
-
-def _model(seed: int = 0, config: LlamaConfig = SMALL) -> Llama:
-    torch.manual_seed(seed)
-    model = Llama(config)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("norm.weight"):  # norms start at one: make a swapped norm visible
-                param.uniform_(0.5, 1.5)
-    return model
+from tests.test_hf import SMALL, _model, write_mismatched_checkpoint
 
 
 def _empty(config: LlamaConfig = SMALL) -> Llama:
@@ -83,12 +70,7 @@ def test_a_lora_models_base_weights_load_and_its_adapters_are_left_alone(tmp_pat
 
 
 def test_shape_mismatches_and_missing_tensors_are_named_before_any_weight_is_read(tmp_path):
-    save_pretrained(_model(), tmp_path / "ckpt")
-    path = tmp_path / "ckpt" / "model.safetensors"
-    tensors = load_file(path)
-    tensors["model.layers.0.self_attn.q_proj.weight"] = torch.zeros(60, 64)
-    del tensors["model.layers.1.mlp.up_proj.weight"]
-    save_file(tensors, path)
+    write_mismatched_checkpoint(tmp_path / "ckpt")
     model = _empty()
     with torch.no_grad():
         for param in model.parameters():
