@@ -363,6 +363,16 @@ class TiktokenTokenizer(Tokenizer):
         names = llama3_special_token_names()
         return cls(mergeable_ranks, {name: first + i for i, name in enumerate(names)}, source=source)
 
+    @property
+    def mergeable_ranks(self) -> dict[bytes, int]:
+        """BPE token bytes -> rank, which is also its id (a copy)."""
+        return dict(self._ranks)
+
+    @property
+    def pattern(self) -> str:
+        """The pre-tokenizer split regex."""
+        return self._pattern
+
     def encode(
         self,
         text: str,
