@@ -16,6 +16,8 @@ from typing import Any
 
 import tomli_w
 
+from hermes.data.chat_template import DEFAULT_SYSTEM_PROMPT
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -66,6 +68,16 @@ class DataConfig:
     drop_refusals: bool = _opt(True, "Drop conversations whose assistant turns contain refusal phrases.")
     mixture: dict[str, float] = _opt({}, "Category -> target share of tokens; empty = the data as it is.")
     cache_dir: str = _opt("", "Where tokenized data is cached; empty = <run dir>/../.cache/tokenized.")
+    chat_template: str = _opt(
+        "hermes",
+        'How conversations are rendered: "hermes" (the Hermes 3 format), "checkpoint" (model.checkpoint\'s '
+        "own tokenizer_config.json chat_template), or the path of a Jinja chat template.",
+    )
+    default_system_prompt: str = _opt(
+        DEFAULT_SYSTEM_PROMPT,
+        "System turn of a conversation without one and without tools (the official Hermes 3 template's); "
+        "empty = none.",
+    )
 
 
 @dataclass

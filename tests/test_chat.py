@@ -1,19 +1,11 @@
 import json
 
-import jinja2
 import pytest
 
 from hermes.data.chat import HERMES_SPECIAL_TOKENS, ChatFormat
 from hermes.data.conversation import Conversation, Message, PreferencePair
 from hermes.data.sample import IGNORE_INDEX
 from hermes.data.tokenizer import Tokenizer
-
-# The standard ChatML chat template of Hugging Face tokenizer_config.json files (BOS first).
-CHATML_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
 
 WEATHER_TOOL = {
     "type": "function",
@@ -25,7 +17,7 @@ WEATHER_TOOL = {
 }
 CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
 FIRST_ANSWER = f"<SCRATCHPAD>The user wants the weather; call the tool.</SCRATCHPAD>\n{CALL}"
-RESPONSE = '<tool_response>\n{"name": "get_weather", "content": {"temp_c": 18}}\n</tool_response>'
+RESPONSE = '{"name": "get_weather", "content": {"temp_c": 18}}'
 FINAL_ANSWER = "It is 18 °C in Paris right now."
 
 ALL_ROLES = (
@@ -60,14 +52,6 @@ def trained_spans(labels: list[int]) -> list[list[int]]:
     return spans
 
 
-def jinja_chatml(messages, add_generation_prompt=False) -> str:
-    return jinja2.Template(CHATML_TEMPLATE).render(
-        messages=[{"role": m.role, "content": m.content} for m in messages],
-        bos_token="<|begin_of_text|>",
-        add_generation_prompt=add_generation_prompt,
-    )
-
-
 def test_default_map_keeps_im_end_on_128040_and_off_llama_ids():
     tags = ["<|im_start|>", "<|im_end|>", "<tools>", "</tools>", "<tool_call>", "</tool_call>"]
     tags += ["<tool_response>", "</tool_response>"]
@@ -97,18 +81,33 @@ def test_trained_tokens_are_exactly_assistant_content_and_im_end(chat):
     assert chat.special_tokens["<tool_response>"] not in trained
 
 
-def test_tools_are_listed_in_the_system_turn_after_its_own_text(chat):
+def test_own_system_turn_follows_the_tool_list_and_no_default_is_added(chat):
     sample = chat.render(Conversation(ALL_ROLES, tools=(WEATHER_TOOL,)))
-    text = chat.tokenizer.decode(sample.tokens)
-    system_turn = text.split("<|im_end|>")[0]
-    assert system_turn.startswith(
-        "<|begin_of_text|><|im_start|>system\nYou are Hermes, a helpful assistant.\n\n"
+    turns = chat.tokenizer.decode(sample.tokens).split("<|im_end|>")
+    assert turns[0].startswith("<|begin_of_text|><|im_start|>system\nYou are a function calling AI model.")
+    assert '{"type": "function", "function": {"name": "get_weather"' in turns[0]
+    assert turns[1] == "\n<|im_start|>system\nYou are Hermes, a helpful assistant."
+    without_system = chat.tokenizer.decode(
+        chat.render(Conversation(ALL_ROLES[1:], tools=(WEATHER_TOOL,))).tokens
     )
-    assert f"<tools>\n{json.dumps(WEATHER_TOOL)}\n</tools>" in system_turn
-    assert text.count("<|im_start|>system") == 1
-    without_system = chat.render(Conversation(ALL_ROLES[1:], tools=(WEATHER_TOOL,)))
-    assert chat.tokenizer.decode(without_system.tokens).startswith(
-        "<|begin_of_text|><|im_start|>system\nYou are a"
+    assert without_system.count("<|im_start|>system") == 1
+    assert "You are a helpful assistant." not in without_system
+
+
+def test_default_system_prompt_is_added_only_without_a_system_turn_and_can_be_turned_off(llama3):
+    plain = (Message("user", "Hi"), Message("assistant", "Hello"))
+    default = ChatFormat(llama3)
+    text = default.tokenizer.decode(default.render(Conversation(plain)).tokens)
+    assert text.startswith("<|begin_of_text|><|im_start|>system\nYou are a helpful assistant.<|im_end|>\n")
+    own = default.tokenizer.decode(default.render(Conversation(ALL_ROLES)).tokens)
+    assert own.count("<|im_start|>system") == 1
+    custom = ChatFormat(llama3, default_system_prompt="Answer briefly.")
+    assert "system\nAnswer briefly.<|im_end|>" in custom.tokenizer.decode(
+        custom.render(Conversation(plain)).tokens
+    )
+    off = ChatFormat(llama3, default_system_prompt="")
+    assert off.tokenizer.decode(off.render(Conversation(plain)).tokens).startswith(
+        "<|begin_of_text|><|im_start|>user\n"
     )
 
 
@@ -118,28 +117,24 @@ class OrderedSchema(dict):
 
 def test_tool_schemas_serialize_as_written_whatever_their_value_types(chat):
     # Schemas equal as Python values but of other JSON types (1, 1.0, true), a dict subclass, non-ASCII
-    # text: each system turn lists its own schemas exactly as json.dumps writes them.
-    variants = [
-        {"name": "f", "default": 1},
-        {"name": "f", "default": 1.0},
-        {"name": "f", "default": True},
-        OrderedSchema(name="f", default=1),
-        {"name": "météo", "default": "°C"},
-    ]
+    # text: each system turn lists its own parameters exactly as json.dumps writes them.
+    def tool(default, name="f", cls=dict):
+        return cls(
+            name=name,
+            description="d",
+            parameters={"properties": {"x": {"type": "integer", "default": default}}},
+        )
+
+    variants = [tool(1), tool(1.0), tool(True), tool(1, cls=OrderedSchema), tool("°C", name="météo")]
     for schema in [*variants, *variants]:
         sample = chat.render(Conversation((Message("user", "q"), Message("assistant", "a")), tools=(schema,)))
         system_turn = chat.tokenizer.decode(sample.tokens).split("<|im_end|>")[0]
-        assert f"<tools>\n{json.dumps(schema, ensure_ascii=False)}\n</tools>" in system_turn
+        assert f', "parameters": {json.dumps(schema["parameters"], ensure_ascii=False)}}}' in system_turn
+        assert f'"name": "{schema["name"]}"' in system_turn
 
 
-def test_rendering_decodes_to_the_jinja_chatml_template(chat):
-    sample = chat.render(Conversation(ALL_ROLES))
-    assert chat.tokenizer.decode(sample.tokens) == jinja_chatml(ALL_ROLES)
-    prompt = chat.render_generation_prompt(ALL_ROLES[:4])
-    assert chat.tokenizer.decode(prompt) == jinja_chatml(ALL_ROLES[:4], add_generation_prompt=True)
-
-
-def test_tags_become_special_ids_but_typed_chat_and_llama_tokens_stay_text(chat, llama3):
+def test_tags_become_special_ids_but_typed_chat_and_llama_tokens_stay_text(llama3):
+    chat = ChatFormat(llama3, default_system_prompt="")
     typed = "Say <|begin_of_text|> and <|im_end|> and <|eot_id|>, then "
     sample = chat.render(Conversation((Message("user", typed + "<tool_call></tool_call>"),)))
     im_start, im_end = chat.special_tokens["<|im_start|>"], chat.special_tokens["<|im_end|>"]

@@ -30,7 +30,8 @@ def llama3() -> Tokenizer:
 
 @pytest.fixture(scope="module")
 def chat(llama3) -> ChatFormat:
-    return ChatFormat(llama3)
+    # The sample lengths these tests count leave out the default system turn.
+    return ChatFormat(llama3, default_system_prompt="")
 
 
 def openai(*turns: tuple[str, str], **extra) -> dict:
@@ -323,10 +324,14 @@ def test_loaded_dataset_equals_the_conversations_rendered_by_chat_format(chat, t
         conversation(("user", "What is 2 + 2?"), ("assistant", "2 + 2 = 4."), category="math"),
         conversation(("user", "Hi!"), ("assistant", "Hello.")),
         conversation(
-            *[(m["role"], m["content"]) for m in records[2]["messages"]], tools=[WEATHER], category="tool_use"
+            *[(m["role"], m["content"]) for m in records[2]["messages"][:3]],
+            ("tool", '{"name": "get_weather", "content": "-3 C"}'),  # the result inside its block
+            ("assistant", "It is -3 C."),
+            tools=[WEATHER],
+            category="tool_use",
         ),
     ]
-    directory = prepare(chat, write_jsonl(tmp_path / "data.jsonl", records), tmp_path)
+    directory = prepare(chat, write_jsonl(tmp_path / "data.jsonl", records), tmp_path, seq_len=1024)
     dataset = TokenizedDataset.load(directory)
     assert [dataset[i] for i in range(len(dataset))] == [chat.render(c) for c in expected]
 

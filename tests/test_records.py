@@ -47,6 +47,11 @@ def test_sharegpt_record_maps_human_and_gpt_to_user_and_assistant(tmp_path):
             {"from": "assistant", "value": "<tool_call>x</tool_call>"},
             {"from": "tool", "value": "<tool_response>y</tool_response>"},
             {"from": "gpt", "value": "Sunny."},
+            {
+                "from": "tool",
+                "value": "<tool_response>\n1\n</tool_response>\n<tool_response>\n2\n</tool_response>",
+            },
+            {"from": "tool", "value": "as written <tool_response>3</tool_response>"},
         ],
         "category": "general_instructions",
     }
@@ -59,8 +64,13 @@ def test_sharegpt_record_maps_human_and_gpt_to_user_and_assistant(tmp_path):
                 Message("assistant", "Hello!"),
                 Message("user", "Weather?"),
                 Message("assistant", "<tool_call>x</tool_call>"),
-                Message("tool", "<tool_response>y</tool_response>"),
+                Message("tool", "y"),
                 Message("assistant", "Sunny."),
+                # Pre-rendered results become one result per block (the renderer wraps each once);
+                # text that is not only blocks is the result as written.
+                Message("tool", "1"),
+                Message("tool", "2"),
+                Message("tool", "as written <tool_response>3</tool_response>"),
             ),
             category="general_instructions",
             source=f"{path}:2",
@@ -82,7 +92,7 @@ def test_openai_record_keeps_bare_and_openai_style_tool_schemas(tmp_path):
     assert first.category == ""
 
 
-def test_openai_tool_calls_and_tool_results_become_hermes_text(tmp_path):
+def test_openai_tool_calls_become_template_text_and_results_stay_as_given(tmp_path):
     record = {
         "messages": [
             {"role": "user", "content": "Weather in Oslo and the time in Lima?"},
@@ -93,13 +103,14 @@ def test_openai_tool_calls_and_tool_results_become_hermes_text(tmp_path):
                     {
                         "id": "c1",
                         "type": "function",
-                        "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'},
+                        "function": {"name": "get_weather", "arguments": '{"city":"Oslo"}'},
                     },
                     {
                         "id": "c2",
                         "type": "function",
-                        "function": {"name": "get_time", "arguments": {"city": "Lima"}},
+                        "function": {"name": "get_time", "arguments": {"city": "Lima", "utc": False}},
                     },
+                    {"function": {"name": "ping"}},
                 ],
             },
             {"role": "tool", "tool_call_id": "c1", "content": '{"temp": 3}'},
@@ -111,11 +122,14 @@ def test_openai_tool_calls_and_tool_results_become_hermes_text(tmp_path):
         ]
     }
     (conversation,) = read_conversations(_jsonl(tmp_path / "calls.jsonl", record))
+    # String arguments byte for byte, dict arguments as tojson writes them, none as {}; the results are the
+    # tools' own text (their name and call id are not rendered, as in the official template).
     assert [m.content for m in conversation.messages[1:]] == [
-        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>\n'
-        '<tool_call>\n{"name": "get_time", "arguments": {"city": "Lima"}}\n</tool_call>',
-        '<tool_response>\n{"name": "get_weather", "content": {"temp": 3}}\n</tool_response>',
-        '<tool_response>\n{"name": "get_time", "content": "09:15"}\n</tool_response>',
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city":"Oslo"}}\n</tool_call>\n'
+        '<tool_call>\n{"name": "get_time", "arguments": {"city": "Lima", "utc": false}}\n</tool_call>\n'
+        '<tool_call>\n{"name": "ping", "arguments": {}}\n</tool_call>',
+        '{"temp": 3}',
+        "09:15",
         "3 degrees, 09:15.",
     ]
 
@@ -195,8 +209,12 @@ _BAD_RECORDS = [
     ({"messages": [], "category": 3}, "field 'category': expected a string, got int"),
     ({"prompt": "q", "chosen": "a", "rejected": "b"}, "field 'chosen': this is a preference pair"),
     (
-        {"messages": [{"role": "tool", "tool_call_id": "nope", "content": "1"}]},
-        "field 'messages[0].name': tool result names no function",
+        {"messages": [{"role": "assistant", "content": "x", "tool_calls": {"name": "f"}}]},
+        "field 'messages[0].tool_calls': expected a list of calls, got dict",
+    ),
+    (
+        {"messages": [{"role": "assistant", "tool_calls": [{"function": {"arguments": "{}"}}]}]},
+        "field 'messages[0].tool_calls[0]': a tool call needs a function name",
     ),
 ]
 

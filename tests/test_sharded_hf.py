@@ -153,7 +153,7 @@ net = build.model(loaded, env)
 tokens = torch.load(out / "tokens.pt")
 with torch.no_grad():
     logits = net(tokens).full_tensor()
-build.export(loaded, net)
+build.export(loaded, env, net)
 
 fresh = build.model(config(), env)
 save_sharded(fresh, out / "fresh")

@@ -1,24 +1,53 @@
-"""Hermes ChatML rendering with per-token loss masks.
+"""The Hermes 3 chat format: one renderer for training, DPO pairs, generation, evaluation and the exported
+chat template, with per-token loss masks.
 
-A conversation renders as BOS, then per turn `<|im_start|>{role}\\n{content}<|im_end|>\\n`.
+The text is the official Hermes 3 rendering, byte for byte: the two chat templates of
+Hermes-3-Llama-3.1-8B's tokenizer_config.json (`default` without tools, `tool_use` with them), as
+transformers renders them. `hermes.data.chat_template.hermes_chat_template` is the one template exported
+beside every model; it renders exactly what this module trains on.
 
-Loss mask (labels are IGNORE_INDEX elsewhere):
-- trained: the content of assistant turns and their closing `<|im_end|>` (tool calls
-  `<tool_call>\\n{json}\\n</tool_call>` are assistant content, so they are trained);
-- not trained: BOS, every token of system, user and tool turns (tool responses included), the
-  `<|im_start|>assistant\\n` header, and the `\\n` after `<|im_end|>`. That newline is written by the
-  template, not generated: generation stops at `<|im_end|>` (as with axolotl's and Hugging Face's
-  `{% generation %}` assistant masks, which end at the end-of-turn token).
+- BOS, then, when the conversation offers tools, the function-calling system turn
+  (hermes.data.tool_prompt); otherwise, when its first message is not a system message,
+  `<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n` (`default_system_prompt`; empty turns it off).
+  A conversation's own system message stays where it is: with tools it is a second system turn after the
+  tool list, as the template places it.
+- Each system, user and assistant turn: `<|im_start|>{role}\n{content}<|im_end|>\n`. An assistant's tool
+  calls are part of its content (hermes.data.records writes each as
+  `<tool_call>\n{"name": "<name>", "arguments": <arguments>}\n</tool_call>`, arguments given as a string
+  kept byte for byte, one call per line).
+- Consecutive tool results form one turn: `<|im_start|>tool\n`, then per result
+  `<tool_response>\n{content}\n</tool_response>\n` and `<|im_end|>` right after the last (no newline
+  after it). The conversation's very last result has no newline before `<|im_end|>`. These are the
+  template's own quirks, kept because a server applies them.
+- The generation prompt is `<|im_start|>assistant\n`.
 
-Turns are tokenized span by span (header, content, `<|im_end|>`, newline), so labels align exactly with
-tokens; a pre-token never straddles two spans. Inside content, the Hermes tags (`<tool_call>`,
-`<tools>`, `<SCRATCHPAD>`, ...) become their special ids; all other text is plain text, including
-`<|im_start|>`, `<|im_end|>` and Llama's own special tokens (a user typing `<|begin_of_text|>` does not
-produce BOS).
+Loss mask (labels are IGNORE_INDEX elsewhere): trained are the content of assistant turns (tool calls
+included) and their `<|im_end|>`; not trained are BOS, every system, user and tool token (tool results
+included), the `<|im_start|>assistant\n` header and the newline after `<|im_end|>`, which the template
+writes and generation never produces. When an assistant's content itself starts with a newline, the
+tokenizer merges it with the header's newline into one token, which is then not trained.
 
-Tools: when `Conversation.tools` is non-empty, the Hermes function-calling prompt listing them inside
-`<tools> ... </tools>` (one JSON schema per line) becomes the system turn. A conversation that has its
-own system turn first keeps it: the turn becomes its own text, a blank line, then the tool prompt.
+Tokens: every piece of text between two special tokens is encoded whole, as a Hugging Face tokenizer
+encodes the template's text, so the ids equal `apply_chat_template`'s on the exported directory. Inside
+content, the Hermes tags (`<tool_call>`, `<tools>`, `<SCRATCHPAD>`, ...) become their special ids.
+
+Where hermes departs from the official templates (each only where the official one would lose content or
+fail; the exported template departs in the same way):
+1. An assistant message with both text and tool calls keeps its text before the calls
+   (`<|im_start|>assistant\n{text}\n<tool_call>...`); the official `tool_use` template drops the text.
+2. Tool calls and results in a conversation that offers no tools are rendered as `tool_use` renders them;
+   the official `default` template drops the calls and writes results without `<tool_response>`.
+3. A tool call without arguments is written with `"arguments": {}`; the official template writes the
+   broken `{"name": "f", }`.
+4. The tool list: a schema `type` the template's type table lacks, and a tool without a description
+   (the official template fails on both; see hermes.data.tool_prompt).
+5. Text in a message that spells `<|im_start|>`, `<|im_end|>` or a Llama special token
+   (`<|begin_of_text|>`, `<|eot_id|>`) stays plain text here, so a user cannot forge a turn; a Hugging
+   Face tokenizer encodes such text as the special token. Conversations holding that text are the only
+   ones whose ids differ from `apply_chat_template`'s.
+A tool result's `name` and `tool_call_id` are not rendered, as in the official template (results follow
+the order of the calls); a dataset that wants the name seen writes it into the content, as Hermes'
+function-calling data does (`{"name": ..., "content": ...}`).
 
 Special-token ids. `HERMES_SPECIAL_TOKENS` below is the default map onto Llama 3.1 reserved ids:
 `<|im_start|>` 128039 and `<|im_end|>` 128040 (Hermes 3 8B's eos_token_id), then `<tools>`,
@@ -35,15 +64,17 @@ ids (128000-128010) are left alone. `hermes_special_tokens` resolves the map for
 from __future__ import annotations
 
 import functools
-import json
 import marshal
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from hermes.data.chat_template import DEFAULT_SYSTEM_PROMPT, hermes_chat_template
 from hermes.data.conversation import ROLES, Conversation, Message, PreferencePair
+from hermes.data.records import parse_messages, parse_tools
 from hermes.data.sample import IGNORE_INDEX, Sample
 from hermes.data.tokenizer import RESERVED_NAME, Tokenizer, read_added_tokens_decoder
+from hermes.data.tool_prompt import tool_system_prompt
 
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
@@ -75,17 +106,6 @@ def default_special_tokens(first_id: int = 128039) -> dict[str, int]:
 
 HERMES_SPECIAL_TOKENS: dict[str, int] = default_special_tokens()
 """Default ids of the Hermes tags on a Llama 3.1 tokenizer (see the module docstring)."""
-
-TOOL_SYSTEM_PROMPT = (
-    "You are a function calling AI model. You are provided with function signatures within "
-    "<tools></tools> XML tags. You may call one or more functions to assist with the user query. "
-    "Don't make assumptions about what values to plug into functions. Here are the available tools: "
-    "<tools>\n{tools}\n</tools>\n"
-    "For each function call return a json object with function name and arguments within "
-    "<tool_call></tool_call> XML tags as follows:\n"
-    '<tool_call>\n{"name": <function-name>, "arguments": <args-dict>}\n</tool_call>'
-)
-"""Hermes function-calling system prompt; `{tools}` is replaced by one JSON schema per line."""
 
 
 def hermes_special_tokens(
@@ -148,13 +168,14 @@ def hermes_special_tokens(
 
 
 class ChatFormat:
-    """Renders conversations to token ids and loss labels in the Hermes ChatML format.
+    """Renders conversations to token ids and loss labels in the Hermes 3 format (module docstring).
 
     Args:
         tokenizer: the base tokenizer; the Hermes tags are made special tokens on top of it.
         special_tokens: tag -> id overrides (see `hermes_special_tokens`).
         tokenizer_config: a checkpoint's tokenizer_config.json to read tag ids from.
-        tool_prompt: the function-calling system prompt; `{tools}` is replaced by the tool schemas.
+        default_system_prompt: the system turn given to a conversation that has no system turn first and
+            no tools (the official template's "You are a helpful assistant."); empty gives none.
 
     Attributes:
         tokenizer: the tokenizer with the Hermes tags as special tokens (use it to decode).
@@ -168,45 +189,46 @@ class ChatFormat:
         special_tokens: Mapping[str, int] | None = None,
         *,
         tokenizer_config: str | Path | None = None,
-        tool_prompt: str = TOOL_SYSTEM_PROMPT,
+        default_system_prompt: str = DEFAULT_SYSTEM_PROMPT,
     ) -> None:
         self.special_tokens = hermes_special_tokens(
             tokenizer, tokenizer_config=tokenizer_config, overrides=special_tokens
         )
         self.tokenizer = tokenizer.with_special_tokens(self.special_tokens)
-        self.tool_prompt = tool_prompt
+        self.default_system_prompt = default_system_prompt
         self._content_tags = frozenset(self.special_tokens) - {IM_START, IM_END}
+        self._im_start = self.special_tokens[IM_START]
         self._im_end = self.special_tokens[IM_END]
         self.stop_ids = (self._im_end, self.tokenizer.eos_id)
-        im_start = self.special_tokens[IM_START]
-        self._headers = {role: [im_start, *self.tokenizer.encode(f"{role}\n")] for role in ROLES}
         self._newline = self.tokenizer.encode("\n")
-        # System prompts (a function-calling prompt with its tool schemas, a persona) repeat across many
-        # records: each distinct one is encoded once. The function-calling prompt is also built once per
-        # distinct (tool schemas, own system text), keyed by the schemas' `marshal` bytes: equal bytes give
-        # back equal values of the same types, so the same JSON.
-        self._encode_system = functools.lru_cache(maxsize=4096)(
-            lambda text: tuple(self.tokenizer.encode(text, allowed_special=self._content_tags))
-        )
-        self._memo_tool_system = functools.lru_cache(maxsize=1024)(
-            lambda packed_tools, own: self._tool_system_text(marshal.loads(packed_tools), own)
+        # Headers, and system prompts (a persona, a tool list) that repeat across many records, are encoded
+        # once each. The tool prompt is built once per distinct tool list, keyed by the schemas' `marshal`
+        # bytes: equal bytes give back equal values of the same types, so the same JSON.
+        self._encode_repeated = functools.lru_cache(maxsize=4096)(lambda text: tuple(self._encode(text)))
+        self._memo_tool_prompt = functools.lru_cache(maxsize=1024)(
+            lambda packed_tools: tool_system_prompt(marshal.loads(packed_tools))
         )
 
+    @property
+    def chat_template(self) -> str:
+        """The Jinja chat template that renders what this format trains on (exported with the model)."""
+        return hermes_chat_template(self.default_system_prompt)
+
+    @property
+    def end_of_turn(self) -> int:
+        """The id that ends an assistant turn (`<|im_end|>`): the exported eos_token."""
+        return self._im_end
+
+    # Training samples ------------------------------------------------------------------------------------
+
     def render(self, conversation: Conversation) -> Sample:
-        """Tokens and labels of a training conversation (assistant turns trained).
+        """Tokens and labels of a training conversation (every assistant turn trained).
 
         Raises:
             ValueError: a message with a role outside ROLES.
         """
         tokens, labels = self._render(conversation.messages, conversation.tools, 0, conversation.source)
         return Sample(tokens, labels, category=conversation.category)
-
-    def render_generation_prompt(
-        self, messages: Sequence[Message], tools: Sequence[dict[str, Any]] = ()
-    ) -> list[int]:
-        """Token ids of the conversation so far followed by `<|im_start|>assistant\\n`."""
-        tokens, _ = self._render(messages, tools, len(messages), "")
-        return tokens + self._headers["assistant"]
 
     def render_preference(self, pair: PreferencePair) -> tuple[Sample, Sample]:
         """The chosen and rejected samples of a DPO pair; only the assistant turns after the shared
@@ -218,58 +240,149 @@ class ChatFormat:
             samples.append(Sample(tokens, labels, category=pair.category))
         return samples[0], samples[1]
 
+    # apply_chat_template ---------------------------------------------------------------------------------
+
+    def encode_messages(
+        self,
+        messages: Sequence[Message | Mapping[str, Any]],
+        tools: Sequence[Mapping[str, Any]] | str | None = None,
+        *,
+        add_generation_prompt: bool = False,
+        continue_final_message: bool = False,
+        bos: bool = True,
+    ) -> list[int]:
+        """Token ids of a conversation, as transformers' `apply_chat_template` gives them for the exported
+        template (and as training renders it).
+
+        Args:
+            messages: `Message`s, or OpenAI-form dicts: `role`, `content`, an assistant's `tool_calls`
+                ([{"function": {"name", "arguments"}}], arguments a dict or a JSON string kept as written),
+                a tool result's `tool_call_id` / `name` (not rendered, as in the official template).
+            tools: the JSON schemas of the offered functions (bare, OpenAI-style, or that list as a JSON
+                string).
+            add_generation_prompt: end with `<|im_start|>assistant\\n`, for the model to answer.
+            continue_final_message: leave the last message (an assistant's) open, without `<|im_end|>`, so
+                generation continues it (prefill).
+            bos: start with BOS.
+
+        Raises:
+            ValueError: an unknown role or malformed message (naming the message), both generation modes
+                at once, or continuing a final message that is not an assistant's.
+        """
+        parsed = parse_messages(list(messages), "messages") if messages else ()
+        schemas = parse_tools(tools, "tools")
+        if add_generation_prompt and continue_final_message:
+            raise ValueError("pass add_generation_prompt or continue_final_message, not both")
+        if continue_final_message and (not parsed or parsed[-1].role != "assistant"):
+            raise ValueError("continue_final_message needs an assistant message last")
+        tokens, _ = self._render(
+            parsed, schemas, len(parsed), "messages", bos=bos, open_last=continue_final_message
+        )
+        if add_generation_prompt:
+            tokens += self.generation_header()
+        return tokens
+
+    def render_text(
+        self,
+        messages: Sequence[Message | Mapping[str, Any]],
+        tools: Sequence[Mapping[str, Any]] | str | None = None,
+        **options: bool,
+    ) -> str:
+        """The text `encode_messages` encodes (its decode, byte for byte); same arguments."""
+        return self.tokenizer.decode(self.encode_messages(messages, tools, **options))
+
+    def render_generation_prompt(
+        self, messages: Sequence[Message], tools: Sequence[dict[str, Any]] = ()
+    ) -> list[int]:
+        """Token ids of the conversation so far followed by `<|im_start|>assistant\\n`."""
+        tokens, _ = self._render(messages, tools, len(messages), "")
+        return tokens + self.generation_header()
+
+    def generation_header(self) -> list[int]:
+        """`<|im_start|>assistant\\n`: what the model answers after."""
+        return [self._im_start, *self._encode_repeated("assistant\n")]
+
+    # Rendering ---------------------------------------------------------------------------------------
+
+    def _encode(self, text: str) -> list[int]:
+        """Plain text with the Hermes tags as their ids (`<|im_start|>` and Llama's tokens stay text)."""
+        return self.tokenizer.encode(text, allowed_special=self._content_tags)
+
     def _render(
         self,
         messages: Sequence[Message],
-        tools: Sequence[dict[str, Any]],
+        tools: Sequence[Mapping[str, Any]],
         train_from: int,
         source: str,
+        *,
+        bos: bool = True,
+        open_last: bool = False,
     ) -> tuple[list[int], list[int]]:
-        """Render messages; assistant turns at index >= train_from are trained."""
+        """Render messages; assistant turns at index >= train_from are trained. With `open_last` the last
+        message ends without `<|im_end|>`.
+
+        Every piece of text between two special tokens is encoded whole, as a Hugging Face tokenizer
+        encodes the template's text, so the ids equal `apply_chat_template`'s. The one place where trained
+        and untrained text meet inside such a piece is after an assistant header: `assistant` is encoded
+        alone (the pre-tokenizer always splits between letters and a newline), then `\\n` + content, whose
+        first token (the newline, or a run of newlines the content starts with) is not trained.
+        """
+        tokens: list[int] = [self.tokenizer.bos_id] if bos else []
+        trained: list[tuple[int, int]] = []
+        im_start, im_end = self._im_start, self._im_end
         if tools:
-            messages, train_from = self._with_tool_prompt(messages, tools, train_from)
-        tokens = [self.tokenizer.bos_id]
-        trained_spans = []
+            system = self._tool_prompt(tools)
+        elif self.default_system_prompt and messages and messages[0].role != "system":
+            system = self.default_system_prompt
+        else:
+            system = None
+        if system is not None:
+            tokens += (im_start, *self._encode_repeated(f"system\n{system}"), im_end, *self._newline)
+        last = len(messages) - 1
         for index, message in enumerate(messages):
-            header = self._headers.get(message.role)
-            if header is None:
-                raise ValueError(
-                    f"{source or 'conversation'}: role {message.role!r} is not one of {', '.join(ROLES)}"
-                )
-            if message.role == "system":
-                body = self._encode_system(message.content)
+            role, content = message.role, message.content
+            if role == "assistant":
+                tokens.append(im_start)
+                tokens += self._encode_repeated("assistant")
+                body = self._encode(f"\n{content}")
+                tokens.append(body[0])
+                start = len(tokens)
+                tokens += body[1:]
+                if open_last and index == last:
+                    break
+                tokens.append(im_end)
+                if index >= train_from:
+                    trained.append((start, len(tokens)))
+                tokens += self._newline
+            elif role == "tool":
+                # Consecutive results share one turn; as in the official template, a result that is not
+                # the conversation's last ends in a newline, and the turn's <|im_end|> in none.
+                opens_turn = index > 0 and messages[index - 1].role != "tool"
+                if opens_turn:
+                    tokens.append(im_start)
+                header = "tool\n" if opens_turn else ""
+                end = "" if index == last else "\n"
+                tokens += self._encode(f"{header}<tool_response>\n{content}\n</tool_response>{end}")
+                if index == last or messages[index + 1].role != "tool":
+                    tokens.append(im_end)
+            elif role in ("system", "user"):
+                body = self._encode_repeated(f"system\n{content}") if role == "system" else None
+                tokens.append(im_start)
+                tokens += body if body is not None else self._encode(f"user\n{content}")
+                tokens.append(im_end)
+                tokens += self._newline
             else:
-                body = self.tokenizer.encode(message.content, allowed_special=self._content_tags)
-            tokens += header
-            start = len(tokens)
-            tokens += body
-            tokens.append(self._im_end)
-            if message.role == "assistant" and index >= train_from:
-                trained_spans.append((start, len(tokens)))
-            tokens += self._newline
+                raise ValueError(
+                    f"{source or 'conversation'}: role {role!r} is not one of {', '.join(ROLES)}"
+                )
         labels = [IGNORE_INDEX] * len(tokens)
-        for start, end in trained_spans:
+        for start, end in trained:
             labels[start:end] = tokens[start:end]
         return tokens, labels
 
-    def _with_tool_prompt(
-        self, messages: Sequence[Message], tools: Sequence[dict[str, Any]], train_from: int
-    ) -> tuple[list[Message], int]:
-        """Put the tool prompt in the system turn: after a leading system turn's text, or as a new one.
-        Returns the messages and the index to train from in them."""
-        own = messages[0].content if messages and messages[0].role == "system" else None
+    def _tool_prompt(self, tools: Sequence[Mapping[str, Any]]) -> str:
         try:
-            packed = marshal.dumps(tools)
+            packed = marshal.dumps(tuple(tools))
         except ValueError:  # schemas marshal cannot write: built each time
-            prompt = self._tool_system_text(tools, own)
-        else:
-            prompt = self._memo_tool_system(packed, own)
-        if own is None:
-            return [Message("system", prompt), *messages], train_from + 1
-        return [Message("system", prompt), *messages[1:]], train_from
-
-    def _tool_system_text(self, tools: Sequence[dict[str, Any]], own: str | None) -> str:
-        """The tool prompt listing `tools` (one JSON schema per line), after `own` system text if any."""
-        schemas = "\n".join(json.dumps(tool, ensure_ascii=False) for tool in tools)
-        prompt = self.tool_prompt.replace("{tools}", schemas)
-        return prompt if own is None else f"{own}\n\n{prompt}"
+            return tool_system_prompt(tools)
+        return self._memo_tool_prompt(packed)

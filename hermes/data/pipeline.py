@@ -35,7 +35,7 @@ from hermes.data.packing import fit_sample, gc_paused
 from hermes.data.records import read_conversations, read_preference_pairs
 from hermes.data.sample import Sample
 
-CACHE_FORMAT = 3
+CACHE_FORMAT = 4
 """Bump when the cached layout or the rendering changes, so old caches are not reused."""
 
 REPORT_FILES = ("filter_summary.json", "mixture_summary.json")
@@ -82,7 +82,7 @@ def cache_key(paths: list[Path], chat: ChatFormat, options: DataConfig, seed: in
         "tokenizer_file": _file_digest(Path(tokenizer.source))
         if Path(tokenizer.source).is_file()
         else tokenizer.source,
-        "chat": [sorted(chat.special_tokens.items()), chat.tool_prompt],
+        "chat": sorted(chat.special_tokens.items()),
         "options": {k: v for k, v in dataclasses.asdict(options).items() if k not in ("train", "cache_dir")},
         "mixture_seed": seed if options.mixture else None,
     }

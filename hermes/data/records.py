@@ -15,13 +15,14 @@ are aliases of "user" and "assistant" (ROLE_ALIASES lists every accepted role). 
 `{"type": "function", "function": {"name", ...}}`, or that list as a JSON string (as hermes-function-calling-v1
 ships it). Schemas are kept as written.
 
-Content is kept as the model sees it: tool calls written as `<tool_call>` text and tool results as
-`<tool_response>` text pass through unchanged. OpenAI's structured fields are turned into that text: an
-assistant turn's `"tool_calls"` ([{"id", "function": {"name", "arguments"}}], arguments a dict or a JSON
-string) become `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>` blocks after its content, and a
-tool turn that names its function (`"name"`, or a `"tool_call_id"` of an earlier call) and has no
-`<tool_response>` tag is wrapped as `<tool_response>\\n{"name": ..., "content": ...}\\n</tool_response>`.
-OpenAI content given as a list of text parts is joined.
+Content is kept as the model sees it, in the layout of the official Hermes 3 `tool_use` template
+(hermes.data.chat): an assistant turn's OpenAI `"tool_calls"` ([{"id", "function": {"name", "arguments"}}])
+become `<tool_call>\n{"name": "<name>", "arguments": <arguments>}\n</tool_call>` blocks, one per line after
+its content, with arguments given as a string kept byte for byte (a dict is written as the template's
+`tojson` writes it; none gives `{}`). A tool turn's content is the tool's result; a tool turn whose text is
+already one or more `<tool_response>\n...\n</tool_response>` blocks (ShareGPT function-calling data) becomes
+one tool result per block, so every result is wrapped once when rendered. OpenAI content given as a list of
+text parts is joined.
 
 Error policy:
 
@@ -36,13 +37,14 @@ Error policy:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
+import re
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 from hermes.data.conversation import Conversation, Message, PreferencePair
+from hermes.data.tool_prompt import tojson
 
 ROLE_ALIASES = {
     "system": "system",
@@ -157,8 +159,8 @@ def parse_conversation(record: dict[str, Any], source: str) -> Conversation:
         )
     key = _one_key(record, ("conversations", "messages"), source)
     return Conversation(
-        messages=_parse_turns(record[key], source, key, {}),
-        tools=_parse_tools(record.get("tools"), source),
+        messages=parse_messages(record[key], source, key),
+        tools=parse_tools(record.get("tools"), source),
         category=_parse_category(record, source),
         source=source,
     )
@@ -176,12 +178,11 @@ def parse_preference_pair(record: dict[str, Any], source: str) -> PreferencePair
             raise RecordError(
                 source, key, "missing field", f'add "{key}": a string, one turn, or a list of turns'
             )
-    call_names: dict[str, str] = {}
     return PreferencePair(
-        prompt=_parse_side(record[prompt_key], source, prompt_key, "user", call_names),
-        chosen=_parse_side(record["chosen"], source, "chosen", "assistant", call_names),
-        rejected=_parse_side(record["rejected"], source, "rejected", "assistant", call_names),
-        tools=_parse_tools(record.get("tools"), source),
+        prompt=_parse_side(record[prompt_key], source, prompt_key, "user"),
+        chosen=_parse_side(record["chosen"], source, "chosen", "assistant"),
+        rejected=_parse_side(record["rejected"], source, "rejected", "assistant"),
+        tools=parse_tools(record.get("tools"), source),
         category=_parse_category(record, source),
         source=source,
     )
@@ -218,7 +219,12 @@ def _parse_category(record: dict[str, Any], source: str) -> str:
     return category
 
 
-def _parse_tools(value: Any, source: str) -> tuple[dict[str, Any], ...]:
+def parse_tools(value: Any, source: str) -> tuple[dict[str, Any], ...]:
+    """A record's `tools`: a list of schemas (bare or OpenAI-style), that list as a JSON string, or nothing.
+
+    Raises:
+        RecordError: not a list, not valid JSON, or a schema without a name.
+    """
     if value is None or (isinstance(value, str) and not value.strip()):
         return ()
     if isinstance(value, str):
@@ -243,18 +249,26 @@ def _parse_tools(value: Any, source: str) -> tuple[dict[str, Any], ...]:
     return tuple(value)
 
 
-def _parse_side(
-    value: Any, source: str, field: str, role: str, call_names: dict[str, str]
-) -> tuple[Message, ...]:
+def _parse_side(value: Any, source: str, field: str, role: str) -> tuple[Message, ...]:
     if isinstance(value, str):
         return (Message(role, value),)
     if isinstance(value, dict):
-        return (_parse_turn(value, source, field, call_names),)
-    return _parse_turns(value, source, field, call_names)
+        return _parse_turn(value, source, field)
+    return parse_messages(value, source, field)
 
 
-def _parse_turns(value: Any, source: str, field: str, call_names: dict[str, str]) -> tuple[Message, ...]:
-    """`call_names` maps OpenAI tool-call ids to function names, filled by calls and read by tool results."""
+def parse_messages(value: Any, source: str, field: str = "messages") -> tuple[Message, ...]:
+    """A list of turns (`{"role", "content"}` or `{"from", "value"}`, OpenAI tool calls and results) ->
+    Messages in the layout of the module docstring.
+
+    Args:
+        value: the list.
+        source: where it comes from ("path:line"), for errors.
+        field: its field name, for errors.
+
+    Raises:
+        RecordError: a format problem (see the module docstring).
+    """
     if not isinstance(value, list):
         raise RecordError(
             source,
@@ -262,10 +276,16 @@ def _parse_turns(value: Any, source: str, field: str, call_names: dict[str, str]
             f"expected a list of turns, got {_kind(value)}",
             'write [{"role": ..., "content": ...}, ...]',
         )
-    return tuple([_parse_turn(turn, source, f"{field}[{i}]", call_names) for i, turn in enumerate(value)])
+    messages: list[Message] = []
+    for i, turn in enumerate(value):
+        messages += _parse_turn(turn, source, f"{field}[{i}]")
+    return tuple(messages)
 
 
-def _parse_turn(turn: Any, source: str, field: str, call_names: dict[str, str]) -> Message:
+def _parse_turn(turn: Any, source: str, field: str) -> tuple[Message, ...]:
+    """One turn -> its Message, or one Message per `<tool_response>` block of a tool turn."""
+    if isinstance(turn, Message):
+        return (turn,)
     if not isinstance(turn, dict):
         raise RecordError(
             source, field, f"expected a turn object, got {_kind(turn)}", 'write {"role": ..., "content": ...}'
@@ -292,14 +312,26 @@ def _parse_turn(turn: Any, source: str, field: str, call_names: dict[str, str]) 
     if not isinstance(content, str):
         content = _content_text(content, source, f"{field}.{content_key}", allow_null=bool(calls))
     if calls:
-        blocks = [
-            _tool_call_text(call, source, f"{field}.tool_calls[{i}]", call_names)
-            for i, call in enumerate(calls)
-        ]
+        if not isinstance(calls, list):
+            raise RecordError(
+                source,
+                f"{field}.tool_calls",
+                f"expected a list of calls, got {_kind(calls)}",
+                'write [{"function": {"name", "arguments"}}, ...]',
+            )
+        blocks = [_tool_call_text(call, source, f"{field}.tool_calls[{i}]") for i, call in enumerate(calls)]
         content = "\n".join([content, *blocks] if content else blocks)
-    if role == "tool" and "<tool_response>" not in content and ("name" in turn or "tool_call_id" in turn):
-        content = _tool_response_text(turn, content, source, field, call_names)
-    return Message(role, content)
+    if role == "tool":
+        results = _TOOL_RESPONSES.fullmatch(content) and _TOOL_RESPONSE.findall(content)
+        if results:
+            return tuple(Message("tool", result) for result in results)
+    return (Message(role, content),)
+
+
+_TOOL_RESPONSE = re.compile(r"<tool_response>\n?(.*?)\n?</tool_response>", re.DOTALL)
+_TOOL_RESPONSES = re.compile(r"\s*(?:<tool_response>.*?</tool_response>\s*)+", re.DOTALL)
+"""One `<tool_response>` block (its result without the newlines the template writes around it), and a
+text made of nothing but such blocks."""
 
 
 def _content_text(content: Any, source: str, field: str, allow_null: bool) -> str:
@@ -319,38 +351,15 @@ def _content_text(content: Any, source: str, field: str, allow_null: bool) -> st
     )
 
 
-def _tool_call_text(call: Any, source: str, field: str, call_names: dict[str, str]) -> str:
+def _tool_call_text(call: Any, source: str, field: str) -> str:
+    """One call as the official template writes it: the name as given, string arguments byte for byte."""
     function = call.get("function", call) if isinstance(call, dict) else None
     name = function.get("name") if isinstance(function, dict) else None
-    if not isinstance(name, str):
+    if not isinstance(name, str) or not name:
         raise RecordError(
             source, field, "a tool call needs a function name", 'write {"function": {"name", "arguments"}}'
         )
-    if isinstance(call.get("id"), str):
-        call_names[call["id"]] = name
     arguments = function.get("arguments", {})
-    if isinstance(arguments, str):
-        # Broken JSON is kept as written: the tool-call filter drops and counts it as a malformed call.
-        with contextlib.suppress(json.JSONDecodeError):
-            arguments = json.loads(arguments)
-    arguments_text = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
-    return f'<tool_call>\n{{"name": {json.dumps(name, ensure_ascii=False)}, "arguments": {arguments_text}}}\n</tool_call>'
-
-
-def _tool_response_text(
-    turn: dict[str, Any], content: str, source: str, field: str, call_names: dict[str, str]
-) -> str:
-    name = turn.get("name") or call_names.get(turn.get("tool_call_id"))
-    if not isinstance(name, str):
-        raise RecordError(
-            source,
-            f"{field}.name",
-            "tool result names no function (no name, and its tool_call_id matches no earlier tool call)",
-            'add "name": the called function\'s name',
-        )
-    try:
-        result = json.loads(content)
-    except json.JSONDecodeError:
-        result = content
-    body = json.dumps({"name": name, "content": result}, ensure_ascii=False)
-    return f"<tool_response>\n{body}\n</tool_response>"
+    # Broken JSON in a string is kept as written: the tool-call filter drops and counts it as malformed.
+    arguments_text = arguments if isinstance(arguments, str) else tojson(arguments)
+    return f'<tool_call>\n{{"name": "{name}", "arguments": {arguments_text}}}\n</tool_call>'

@@ -3,7 +3,6 @@ optimizer and schedule, and the final export."""
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +12,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
 from hermes.config import Config, LoraConfig
-from hermes.data.chat import ChatFormat
+from hermes.data.chat_files import AnyChatFormat, read_chat_format, save_chat_format
 from hermes.data.dataset import TokenizedDataset
 from hermes.data.loader import PackedLoader, StepBatch
 from hermes.data.pipeline import prepare_preference_dataset, prepare_sft_dataset
@@ -37,7 +36,7 @@ class Environment:
     dims: ParallelDims
     mesh: DeviceMesh
     device: torch.device
-    chat: ChatFormat
+    chat: AnyChatFormat
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -55,20 +54,15 @@ def environment(config: Config) -> Environment:
     return Environment(rank, dims, mesh, device, chat_format(config))
 
 
-def chat_format(config: Config) -> ChatFormat:
-    """The tokenizer (tokenizer.path, else the checkpoint's own, else Llama 3's) with the Hermes tags, their
-    ids read from the checkpoint's tokenizer_config.json when it has one."""
-    checkpoint = Path(config.model.checkpoint) if config.model.checkpoint else None
-    if config.tokenizer.path:
-        tokenizer = Tokenizer.from_file(config.tokenizer.path)
-    elif checkpoint and any((checkpoint / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
-        tokenizer = Tokenizer.from_file(checkpoint)
-    else:
-        tokenizer = Tokenizer.default()
-    tokenizer_config = checkpoint / "tokenizer_config.json" if checkpoint else None
-    if tokenizer_config is not None and not tokenizer_config.is_file():
-        tokenizer_config = None
-    return ChatFormat(tokenizer, tokenizer_config=tokenizer_config)
+def chat_format(config: Config) -> AnyChatFormat:
+    """The tokenizer (tokenizer.path, else the checkpoint's own, else Llama 3's) and the chat format of
+    data.chat_template (see `hermes.data.chat_files.read_chat_format`)."""
+    return read_chat_format(
+        config.model.checkpoint or None,
+        tokenizer_path=config.tokenizer.path or None,
+        chat_template=config.data.chat_template,
+        default_system_prompt=config.data.default_system_prompt,
+    )
 
 
 def _cached_dataset(config: Config, env: Environment, prepare) -> TokenizedDataset:
@@ -190,47 +184,40 @@ def write_resolved_config(config: Config) -> Path:
     return path
 
 
-def export(config: Config, net: torch.nn.Module) -> Path | None:
-    """Write the trained model as a Hugging Face directory (<run dir>/hf) when train.export_hf is set.
-    Collective: each rank writes the slices it holds, then rank 0 joins them one tensor at a time."""
+def export(config: Config, env: Environment, net: torch.nn.Module) -> Path | None:
+    """Write the trained model as a Hugging Face directory (<run dir>/hf) when train.export_hf is set, with
+    the tokenizer and chat template it was trained with. Collective: each rank writes the slices it holds,
+    then rank 0 joins them one tensor at a time."""
     if not config.train.export_hf:
         return None
     directory = config.run_dir / "hf"
-    save_sharded(net, directory)
+    _save_hf(env, net, directory)
     if dist.get_rank() == 0:
-        copy_tokenizer_files(config, directory)
         print(f"Exported the model to {directory}", flush=True)
     return directory
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
-
-
-def copy_tokenizer_files(config: Config, directory: Path) -> None:
-    """Put the base checkpoint's tokenizer files beside an export, so transformers, vLLM and
-    lm-evaluation-harness load the directory as it is. A fresh model has none to copy (the default Llama 3
-    tokenizer.model is not a Hugging Face tokenizer file): say so."""
-    source = Path(config.model.checkpoint) if config.model.checkpoint else None
-    found = [source / name for name in TOKENIZER_FILES if source and (source / name).is_file()]
-    for path in found:
-        shutil.copy(path, directory / path.name)
-    if not found:
-        print(f"{directory} has no tokenizer files (the model did not start from a checkpoint that has them)")
-
-
-def export_adapter(config: Config, net: torch.nn.Module) -> Path:
+def export_adapter(config: Config, env: Environment, net: torch.nn.Module) -> Path:
     """Write the LoRA adapter in PEFT's layout (<run dir>/adapter) and, when train.export_hf is set, the
     merged model as a Hugging Face directory (<run dir>/hf), merged and written shard by shard (the model
-    is not trainable after). Collective."""
+    is not trainable after); both with the tokenizer and chat template. Collective."""
     directory = config.run_dir / "adapter"
     save_adapter(net, directory, base_model_name_or_path=config.model.checkpoint)
+    if dist.get_rank() == 0:
+        save_chat_format(env.chat, directory)
     if config.train.export_hf:
-        save_sharded(merge_lora_into_shards(net), config.run_dir / "hf")
-        if dist.get_rank() == 0:
-            copy_tokenizer_files(config, config.run_dir / "hf")
+        _save_hf(env, merge_lora_into_shards(net), config.run_dir / "hf")
     if dist.get_rank() == 0:
         print(f"Exported the adapter to {directory}", flush=True)
     return directory
+
+
+def _save_hf(env: Environment, net: torch.nn.Module, directory: Path) -> None:
+    """The sharded Hugging Face export, its config.json naming the tokenizer's BOS and end of turn."""
+    net.config = net.config.replace(bos_token_id=env.tokenizer.bos_id, eos_token_id=env.chat.end_of_turn)
+    save_sharded(net, directory)
+    if dist.get_rank() == 0:
+        save_chat_format(env.chat, directory)
 
 
 def finish() -> None:

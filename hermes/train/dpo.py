@@ -115,6 +115,6 @@ def main(argv: list[str] | None = None) -> Config:
         ),
         tp=env.dims.tp,
     )
-    build.export_adapter(config, model)
+    build.export_adapter(config, env, model)
     build.finish()
     return config

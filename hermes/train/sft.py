@@ -62,6 +62,6 @@ def main(argv: list[str] | None = None) -> Config:
         flops_fn=build.flops_counter(model.config),
         tp=env.dims.tp,
     )
-    build.export(config, model)
+    build.export(config, env, model)
     build.finish()
     return config
