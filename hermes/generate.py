@@ -6,7 +6,7 @@
   positions counted from its own first token; greedy or temperature / top-p sampling; each sequence ends at
   its first stop id.
 - `parse_tool_calls(text)`: the `<tool_call>{json}</tool_call>` calls of an assistant reply, problems reported
-  rather than raised; `add_tool_results` feeds results back as one `tool` turn of `<tool_response>` blocks.
+  rather than raised; `add_tool_results` feeds results back as `tool` messages (one tool turn when rendered).
 """
 
 from __future__ import annotations
@@ -22,15 +22,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed.checkpoint as dcp
 
 from hermes.config import Config, load_config
-from hermes.data.chat import ChatFormat
+from hermes.data.chat_files import AnyChatFormat, read_chat_format
 from hermes.data.conversation import Message
 from hermes.model import Llama, LlamaConfig
 from hermes.model.hf import load_pretrained
 from hermes.model.lora import apply_lora, load_adapter, merge_lora
 from hermes.parallel.checkpoint import latest_checkpoint
+from hermes.parallel.safe_dcp import SafeFileSystemReader, load_state
 
 RUN_CONFIG_FILE = "config.toml"
 """The resolved configuration a training run writes into its directory; its presence marks a run directory."""
@@ -70,18 +70,21 @@ def load_model(
     return model
 
 
-def load_chat_format(source: str | os.PathLike) -> ChatFormat:
-    """The chat format (tokenizer and Hermes tag ids) of a model `load_model` reads from `source`: a run's
-    configured tokenizer, else the checkpoint directory's own (tokenizer.json / tokenizer.model and
-    tokenizer_config.json), else the default Llama 3 tokenizer."""
-    from hermes.train.build import chat_format  # the training builders resolve it; imported only here
-
+def load_chat_format(source: str | os.PathLike) -> AnyChatFormat:
+    """The chat format (tokenizer, template) of a model `load_model` reads from `source`: a run's configured
+    one, else the checkpoint directory's own (tokenizer.json / tokenizer.model and tokenizer_config.json,
+    whose template's default system prompt is kept when hermes exported it), else the default Llama 3
+    tokenizer in the Hermes format."""
     source = Path(source)
     if (source / RUN_CONFIG_FILE).is_file():
-        return chat_format(load_config(source / RUN_CONFIG_FILE))
-    config = Config()
-    config.model.checkpoint = str(source)
-    return chat_format(config)
+        config = load_config(source / RUN_CONFIG_FILE)
+        return read_chat_format(
+            config.model.checkpoint or None,
+            tokenizer_path=config.tokenizer.path or None,
+            chat_template=config.data.chat_template,
+            default_system_prompt=config.data.default_system_prompt,
+        )
+    return read_chat_format(source)
 
 
 def _load_run(run_dir: Path) -> Llama:
@@ -95,7 +98,7 @@ def _load_run(run_dir: Path) -> Llama:
         )
     config = load_config(run_dir / RUN_CONFIG_FILE)
     prefix = "model."
-    metadata = dcp.FileSystemReader(str(checkpoint)).read_metadata()
+    metadata = SafeFileSystemReader(checkpoint).read_metadata()
     stored = {key[len(prefix) :] for key in metadata.state_dict_metadata if key.startswith(prefix)}
     adapted = any(".lora_A." in name for name in stored)
     model = _run_base_model(config, needs_values=adapted)
@@ -118,7 +121,7 @@ def _load_run(run_dir: Path) -> Llama:
         )
     with warnings.catch_warnings():  # DCP warns that it loads in one process, which is the intent here
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load({"model": {name: state[name] for name in stored}}, checkpoint_id=str(checkpoint))
+        load_state({"model": {name: state[name] for name in stored}}, checkpoint)
     return merge_lora(model) if adapted else model
 
 
@@ -326,27 +329,22 @@ def _tool_call(body: str) -> tuple[ToolCall | None, str]:
     return ToolCall(name, arguments), ""
 
 
-def tool_response(name: str, content: Any) -> str:
-    """One result block: `<tool_response>\\n{"name": ..., "content": ...}\\n</tool_response>`; `content` is
-    any JSON value (a dict, a string, a number, ...)."""
-    body = json.dumps({"name": name, "content": content}, ensure_ascii=False)
-    return f"<tool_response>\n{body}\n</tool_response>"
+def tool_result(name: str, content: Any) -> Message:
+    """One tool result as a `tool` message whose content is `{"name": ..., "content": ...}` (the layout of
+    Hermes' function-calling data); rendering wraps it in `<tool_response>`. `content` is any JSON value."""
+    return Message("tool", json.dumps({"name": name, "content": content}, ensure_ascii=False))
 
 
 def add_tool_results(messages: Sequence[Message], results: Sequence[tuple[str, Any]]) -> list[Message]:
-    """The conversation with tool results appended: (name, content) pairs as `<tool_response>` blocks, one per
-    line, in one `tool` turn. Results that follow a `tool` turn join it (consecutive results share a turn).
+    """The conversation with (name, content) tool results appended, one `tool` message each (consecutive
+    results render as one tool turn).
 
     Raises:
         ValueError: `results` is empty.
     """
     if not results:
         raise ValueError("add_tool_results needs at least one (name, content) result")
-    blocks = "\n".join(tool_response(name, content) for name, content in results)
-    messages = list(messages)
-    if messages and messages[-1].role == "tool":
-        blocks = f"{messages.pop().content}\n{blocks}"
-    return [*messages, Message("tool", blocks)]
+    return [*messages, *(tool_result(name, content) for name, content in results)]
 
 
 # Chat -----------------------------------------------------------------------------------------------------
@@ -375,7 +373,7 @@ class Sampling:
 
 def reply_batch(
     model: Llama,
-    chat: ChatFormat,
+    chat: AnyChatFormat,
     conversations: Sequence[Sequence[Message]],
     tools: Sequence[dict[str, Any]] = (),
     sampling: Sampling = Sampling(),
@@ -418,7 +416,7 @@ class ChatSession:
     def __init__(
         self,
         model: Llama,
-        chat: ChatFormat,
+        chat: AnyChatFormat,
         system: str = "",
         tools: Sequence[dict[str, Any]] = (),
         sampling: Sampling = Sampling(),

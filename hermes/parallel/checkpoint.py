@@ -22,6 +22,8 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
+from hermes.parallel.safe_dcp import load_state
+
 COMPLETE_MARKER = "COMPLETE"
 TRAINER_STATE = "trainer.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -97,7 +99,7 @@ def load_checkpoint(
     options = _options(trainable_only)
     model_state, optim_state = get_state_dict(model, optimizer, options=options)
     state = {"model": model_state, "optim": optim_state}
-    dcp.load(state, checkpoint_id=str(path))
+    load_state(state, path)
     set_state_dict(
         model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=options
     )
