@@ -68,8 +68,13 @@ def test_dpo_run_logs_rewards_and_exports_adapter_and_merged_model(single):
         assert key in records[-1]
     assert (single / "adapter" / "adapter_model.safetensors").is_file()
     assert (single / "hf" / "config.json").is_file()
-    copied = json.loads((single / "hf" / "tokenizer_config.json").read_text())  # the base's tokenizer files
-    assert copied["model_max_length"] == 8192
+    for directory in (single / "hf", single / "adapter"):
+        written = json.loads((directory / "tokenizer_config.json").read_text())
+        assert written["model_max_length"] == 8192  # kept from the base's tokenizer_config.json
+        assert written["eos_token"] == "<|im_end|>" and "<|im_start|>" in written["chat_template"]
+        assert (directory / "tokenizer.json").is_file()
+        assert json.loads((directory / "generation_config.json").read_text())["eos_token_id"][0] == 128040
+    assert json.loads((single / "hf" / "config.json").read_text())["eos_token_id"] == 128040
 
 
 def _assert_same_losses(expected: list[dict], got: list[dict]) -> None:

@@ -231,17 +231,23 @@ def test_a_call_missing_its_name_or_arguments_is_reported(body, message):
     assert calls == [] and len(problems) == 1 and message in problems[0]
 
 
-def test_tool_results_share_one_tool_turn_in_the_hermes_format():
+def test_tool_results_become_tool_messages_that_render_as_one_tool_turn():
+    chat = ChatFormat(Tokenizer.default())
     messages = [Message("user", "Time in Tokyo and weather in Oslo?"), Message("assistant", "<tool_call>...")]
     first = add_tool_results(messages, [("get_time", {"time": "13:04"})])
     both = add_tool_results(first, [("get_weather", "rainy")])
-    assert both[:2] == messages and len(both) == 3
-    assert both[2] == Message(
-        "tool",
-        '<tool_response>\n{"name": "get_time", "content": {"time": "13:04"}}\n</tool_response>\n'
-        '<tool_response>\n{"name": "get_weather", "content": "rainy"}\n</tool_response>',
-    )
+    assert both[:2] == messages
+    assert both[2:] == [
+        Message("tool", '{"name": "get_time", "content": {"time": "13:04"}}'),
+        Message("tool", '{"name": "get_weather", "content": "rainy"}'),
+    ]
     assert add_tool_results(messages, [("get_time", {"time": "13:04"}), ("get_weather", "rainy")]) == both
+    text = chat.tokenizer.decode(chat.render_generation_prompt(both))
+    assert text.endswith(
+        '<|im_start|>tool\n<tool_response>\n{"name": "get_time", "content": {"time": "13:04"}}\n</tool_response>\n'
+        '<tool_response>\n{"name": "get_weather", "content": "rainy"}\n</tool_response><|im_end|>'
+        "<|im_start|>assistant\n"
+    )
 
 
 # Loading ----------------------------------------------------------------------------------------------------

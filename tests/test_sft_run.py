@@ -208,6 +208,29 @@ def test_the_export_gathered_from_fsdp_shards_loads_in_transformers_with_hermes_
         torch.testing.assert_close(single(tokens), ours(tokens), atol=1e-4, rtol=1e-4)
 
 
+def test_the_export_serves_the_trained_format_with_its_own_tokenizer_files(workspace, single_process_run):
+    import transformers
+
+    from hermes.data.chat import ChatFormat
+    from hermes.data.records import read_conversations
+    from hermes.data.tokenizer import Tokenizer
+
+    _, data, _ = workspace
+    export = single_process_run / "hf"
+    tokenizer = transformers.AutoTokenizer.from_pretrained(export)
+    chat = ChatFormat(Tokenizer.default())
+    conversations = list(read_conversations(data))
+    assert any(conversation.tools for conversation in conversations)
+    for conversation in conversations:
+        messages = [{"role": m.role, "content": m.content} for m in conversation.messages]
+        tools = list(conversation.tools) or None
+        served = tokenizer.apply_chat_template(messages, tools=tools, tokenize=True, return_dict=False)
+        assert list(served) == chat.render(conversation).tokens, conversation.source
+    hf_config = transformers.AutoConfig.from_pretrained(export)
+    assert (hf_config.bos_token_id, hf_config.eos_token_id) == (128000, 128040)
+    assert transformers.GenerationConfig.from_pretrained(export).eos_token_id == [128040, 128001]
+
+
 @pytest.mark.parametrize(("nproc", "tp"), [(2, 2), (4, 2)], ids=["tp2", "fsdp2xtp2"])
 def test_tensor_parallel_and_the_2d_mesh_give_the_losses_of_one_process(
     workspace, single_process_run, nproc, tp

@@ -96,9 +96,12 @@ def read_chat_format(
     return TemplateChatFormat(tokenizer, template, template_source=source, special_token_text=text)
 
 
-def save_chat_format(chat: AnyChatFormat, directory: str | Path) -> list[Path]:
+def save_chat_format(
+    chat: AnyChatFormat, directory: str | Path, *, base_tokenizer_config: str | Path | None = None
+) -> list[Path]:
     """Write tokenizer.json (or the SentencePiece tokenizer.model), tokenizer_config.json and
-    generation_config.json into `directory` (module docstring). Returns the files written."""
+    generation_config.json into `directory` (module docstring). The other keys of the base checkpoint's
+    `base_tokenizer_config` (model_max_length, ...) are kept. Returns the files written."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer = chat.tokenizer
@@ -107,7 +110,9 @@ def save_chat_format(chat: AnyChatFormat, directory: str | Path) -> list[Path]:
     else:
         written = [Path(shutil.copy(tokenizer.source, directory / "tokenizer.model"))]
     names = {token_id: name for name, token_id in tokenizer.special_tokens.items()}
-    config: dict[str, Any] = {
+    base = Path(base_tokenizer_config) if base_tokenizer_config else None
+    config: dict[str, Any] = _read_json(base) if base is not None and base.is_file() else {}
+    config |= {
         "added_tokens_decoder": {
             str(token_id): {
                 "content": name,

@@ -191,7 +191,7 @@ def export(config: Config, env: Environment, net: torch.nn.Module) -> Path | Non
     if not config.train.export_hf:
         return None
     directory = config.run_dir / "hf"
-    _save_hf(env, net, directory)
+    _save_hf(config, env, net, directory)
     if dist.get_rank() == 0:
         print(f"Exported the model to {directory}", flush=True)
     return directory
@@ -204,20 +204,24 @@ def export_adapter(config: Config, env: Environment, net: torch.nn.Module) -> Pa
     directory = config.run_dir / "adapter"
     save_adapter(net, directory, base_model_name_or_path=config.model.checkpoint)
     if dist.get_rank() == 0:
-        save_chat_format(env.chat, directory)
+        save_chat_format(env.chat, directory, base_tokenizer_config=_base_tokenizer_config(config))
     if config.train.export_hf:
-        _save_hf(env, merge_lora_into_shards(net), config.run_dir / "hf")
+        _save_hf(config, env, merge_lora_into_shards(net), config.run_dir / "hf")
     if dist.get_rank() == 0:
         print(f"Exported the adapter to {directory}", flush=True)
     return directory
 
 
-def _save_hf(env: Environment, net: torch.nn.Module, directory: Path) -> None:
+def _save_hf(config: Config, env: Environment, net: torch.nn.Module, directory: Path) -> None:
     """The sharded Hugging Face export, its config.json naming the tokenizer's BOS and end of turn."""
     net.config = net.config.replace(bos_token_id=env.tokenizer.bos_id, eos_token_id=env.chat.end_of_turn)
     save_sharded(net, directory)
     if dist.get_rank() == 0:
-        save_chat_format(env.chat, directory)
+        save_chat_format(env.chat, directory, base_tokenizer_config=_base_tokenizer_config(config))
+
+
+def _base_tokenizer_config(config: Config) -> Path | None:
+    return Path(config.model.checkpoint) / "tokenizer_config.json" if config.model.checkpoint else None
 
 
 def finish() -> None:
