@@ -199,7 +199,13 @@ def test_fsdp_x_tp_export_is_byte_identical_to_a_one_process_export_and_loads_in
     one = load_pretrained(four_ranks / "ckpt", dtype=torch.float32)
     save_pretrained(one, four_ranks / "one-process")
     export = four_ranks / "run" / "hf"
-    assert sorted(p.name for p in export.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in export.iterdir()) == [
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
     _assert_byte_identical(_tensors(export), _tensors(four_ranks / "one-process"))
 
     theirs = transformers.AutoModelForCausalLM.from_pretrained(export).eval()
