@@ -75,7 +75,7 @@ def parser() -> argparse.ArgumentParser:
         description="Per-GPU and per-node CPU memory of a hermes training step (FSDP2, optional TP, LoRA).",
     )
     p.add_argument(
-        "--preset", required=True, help="model preset, e.g. llama3.1-8b, llama3.1-70b, llama3.1-405b"
+        "--preset", required=True, help="model preset, e.g. llama3.1-8b, llama3.1-405b, llama3.2-1b"
     )
     p.add_argument("--nodes", type=int, default=1, help="machines (default 1)")
     p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per machine (default 8)")

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from hermes.data.sample import IGNORE_INDEX, Sample
+from hermes.model.inputs import Packing
 
 OVERLONG_POLICIES = ("truncate", "drop")
 OverlongPolicy = Literal["truncate", "drop"]
@@ -318,6 +319,11 @@ class PackedBatch:
     cu_seqlens: torch.Tensor
     max_seqlen: int
     row_lengths: tuple[tuple[int, ...], ...]
+
+    @property
+    def packing(self) -> Packing:
+        """The packing metadata as the model takes it."""
+        return Packing(self.position_ids, self.cu_seqlens, self.max_seqlen)
 
     @classmethod
     def from_rows(cls, rows: Sequence[Sequence[Sample]], seq_len: int, pad_id: int) -> PackedBatch:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-IGNORE_INDEX = -100
-"""Label value of a token that is not trained on (torch's cross-entropy ignore_index)."""
+from hermes.model.inputs import IGNORE_INDEX
+
+__all__ = ["IGNORE_INDEX", "Sample"]
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
-"""The Llama 3.1 model: configuration, modules, checkpoint formats."""
+"""The Llama model: configuration, modules, checkpoint formats."""
 
-from hermes.model.config import LlamaConfig, RopeScaling
+from hermes.model.config import LinearRopeScaling, LlamaConfig, RopeScaling
 from hermes.model.llama import Llama
 
-__all__ = ["Llama", "LlamaConfig", "RopeScaling"]
+__all__ = ["LinearRopeScaling", "Llama", "LlamaConfig", "RopeScaling"]

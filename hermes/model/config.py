@@ -1,21 +1,68 @@
-"""Llama 3.1 model configuration, its presets, and conversion to and from Hugging Face / Meta files."""
+"""Llama-architecture model configuration (Llama 3.1, 3.2 and other Llama-shaped checkpoints), its presets,
+and conversion to and from Hugging Face / Meta files."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 
 @dataclass(frozen=True)
 class RopeScaling:
     """Llama 3.1 RoPE frequency scaling (Hugging Face `rope_type: "llama3"`)."""
 
+    rope_type: ClassVar[str] = "llama3"
     factor: float = 8.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+
+
+@dataclass(frozen=True)
+class LinearRopeScaling:
+    """Linear RoPE scaling, i.e. position interpolation (Hugging Face `rope_type: "linear"`): positions are
+    divided by `factor`, which is every frequency divided by it."""
+
+    rope_type: ClassVar[str] = "linear"
+    factor: float
+
+
+AnyRopeScaling = RopeScaling | LinearRopeScaling
+ROPE_TYPES = ("default", "linear", "llama3")
+"""The Hugging Face `rope_type`s hermes computes; "default" is plain RoPE (`rope_scaling` None)."""
+
+
+def _rope_scaling_from_hf(settings: Mapping[str, Any], key: str) -> AnyRopeScaling | None:
+    """The frequency scaling a Hugging Face RoPE dict describes: transformers 4.x `rope_scaling` or 5.x
+    `rope_parameters`, its type under "rope_type" (or the older "type"; none means "default").
+
+    Args:
+        settings: the dict.
+        key: its config.json key, named in errors.
+
+    Raises:
+        ValueError: a rope type hermes does not compute (the supported ones are named), or a missing field.
+    """
+    rope_type = settings.get("rope_type", settings.get("type", "default"))
+    if rope_type not in ROPE_TYPES:
+        raise ValueError(
+            f"config.json {key} has rope_type {rope_type!r}, which hermes does not support; "
+            f"supported: {', '.join(map(repr, ROPE_TYPES))}"
+        )
+    if rope_type == "default":
+        return None
+    kind = LinearRopeScaling if rope_type == "linear" else RopeScaling
+    names = [f.name for f in dataclasses.fields(kind)]
+    missing = [name for name in names if name not in settings]
+    if missing:
+        raise ValueError(f"config.json {key} (rope_type {rope_type!r}) lacks {', '.join(missing)}")
+    values = {name: float(settings[name]) for name in names}
+    if kind is RopeScaling:
+        values["original_max_position_embeddings"] = int(settings["original_max_position_embeddings"])
+    return kind(**values)
 
 
 def ffn_hidden_dim(dim: int, multiplier: float | None, multiple_of: int) -> int:
@@ -28,7 +75,7 @@ def ffn_hidden_dim(dim: int, multiplier: float | None, multiple_of: int) -> int:
 
 @dataclass(frozen=True)
 class LlamaConfig:
-    """Shape of a Llama 3.x decoder. Field names follow Meta's params.json."""
+    """Shape of a Llama-architecture decoder (Llama 3.x). Field names follow Meta's params.json."""
 
     dim: int = 4096
     """Model (residual stream) width."""
@@ -40,6 +87,8 @@ class LlamaConfig:
     """Key/value heads per block (grouped-query attention: each serves n_heads / n_kv_heads query heads)."""
     vocab_size: int = 128256
     """Rows of the embedding table and of the output head."""
+    tie_word_embeddings: bool = False
+    """The output head's weight is the embedding table, one parameter (Llama 3.2 1B / 3B)."""
     hidden_dim: int = 14336
     """SwiGLU inner width (Hugging Face `intermediate_size`)."""
     head_dim: int | None = None
@@ -48,8 +97,9 @@ class LlamaConfig:
     """RMSNorm epsilon."""
     rope_theta: float = 500000.0
     """RoPE base."""
-    rope_scaling: RopeScaling | None = field(default_factory=RopeScaling)
-    """Llama 3.1 frequency scaling; None for plain RoPE (Llama 3.0, Llama 2)."""
+    rope_scaling: AnyRopeScaling | None = field(default_factory=RopeScaling)
+    """RoPE frequency scaling: Llama 3.1's (`RopeScaling`), linear (`LinearRopeScaling`), or None for plain
+    RoPE (Llama 3.0, Llama 2)."""
     max_seq_len: int = 131072
     """Context length the model was trained for (Hugging Face `max_position_embeddings`)."""
     bos_token_id: int = 128000
@@ -63,7 +113,7 @@ class LlamaConfig:
             )
         if self.head_dim is None and self.dim % self.n_heads:
             raise ValueError(f"dim ({self.dim}) must divide by n_heads ({self.n_heads}), or set head_dim")
-        if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
+        if isinstance(self.rope_scaling, Mapping):
             object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
 
     @property
@@ -76,7 +126,8 @@ class LlamaConfig:
 
     @classmethod
     def preset(cls, name: str) -> LlamaConfig:
-        """One of PRESETS: "llama3.1-8b", "llama3.1-70b", "llama3.1-405b", "tiny", "debug"."""
+        """One of PRESETS: "llama3.1-8b", "llama3.1-70b", "llama3.1-405b", "llama3.2-1b", "llama3.2-3b",
+        "tiny", "debug"."""
         try:
             return PRESETS[name]
         except KeyError:
@@ -87,33 +138,23 @@ class LlamaConfig:
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> LlamaConfig:
         """Read a Hugging Face `config.json` dict, in the transformers 4.x form (`rope_theta` +
-        `rope_scaling`) or the 5.x form (`rope_parameters`)."""
+        `rope_scaling`) or the 5.x form (`rope_parameters`).
+
+        Raises:
+            ValueError: not a Llama config, or RoPE settings hermes does not compute (see `ROPE_TYPES`).
+        """
         model_type = hf.get("model_type", "llama")
         if model_type != "llama":
             raise ValueError(
                 f"config.json has model_type {model_type!r}; hermes reads Llama models ('llama')"
             )
-        if hf.get("tie_word_embeddings"):
-            raise ValueError("config.json sets tie_word_embeddings; Llama 3.1 has an untied output head")
         missing = [k for k in _HF_REQUIRED if k not in hf]
         if missing:
             raise ValueError(f"config.json lacks {', '.join(missing)}: not a Llama config")
-        rope = dict(hf.get("rope_parameters") or {})
+        rope = hf.get("rope_parameters") or {}
         rope_theta = float(hf.get("rope_theta", rope.get("rope_theta", 10000.0)))
-        scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type") not in (None, "default") else None)
-        rope_scaling = None
-        if scaling:
-            rope_type = scaling.get("rope_type", scaling.get("type"))
-            if rope_type != "llama3":
-                raise ValueError(
-                    f"config.json rope scaling type {rope_type!r} is not supported (only 'llama3')"
-                )
-            rope_scaling = RopeScaling(
-                factor=float(scaling["factor"]),
-                low_freq_factor=float(scaling["low_freq_factor"]),
-                high_freq_factor=float(scaling["high_freq_factor"]),
-                original_max_position_embeddings=int(scaling["original_max_position_embeddings"]),
-            )
+        key = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
+        rope_scaling = _rope_scaling_from_hf(hf.get(key) or {}, key)
         n_heads = hf["num_attention_heads"]
         head_dim = hf.get("head_dim")
         return cls(
@@ -122,6 +163,7 @@ class LlamaConfig:
             n_heads=n_heads,
             n_kv_heads=hf.get("num_key_value_heads", n_heads),
             vocab_size=hf["vocab_size"],
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             hidden_dim=hf["intermediate_size"],
             head_dim=None if head_dim in (None, hf["hidden_size"] // n_heads) else head_dim,
             norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
@@ -152,14 +194,17 @@ class LlamaConfig:
             "attention_bias": False,
             "attention_dropout": 0.0,
             "mlp_bias": False,
-            "tie_word_embeddings": False,
+            "tie_word_embeddings": self.tie_word_embeddings,
             "initializer_range": 0.02,
             "bos_token_id": self.bos_token_id,
             "eos_token_id": self.eos_token_id,
             "torch_dtype": torch_dtype,
         }
         if self.rope_scaling is not None:
-            hf["rope_scaling"] = {"rope_type": "llama3", **dataclasses.asdict(self.rope_scaling)}
+            hf["rope_scaling"] = {
+                "rope_type": self.rope_scaling.rope_type,
+                **dataclasses.asdict(self.rope_scaling),
+            }
         return hf
 
     # Meta params.json ------------------------------------------------------------------------------------
@@ -201,10 +246,25 @@ def _llama31(dim: int, n_layers: int, n_heads: int, multiplier: float, multiple_
     )
 
 
+def _llama32(dim: int, n_layers: int, n_heads: int) -> LlamaConfig:
+    """Llama 3.2 1B / 3B: an explicit 8192-wide FFN, RoPE scaling factor 32, tied embeddings."""
+    return LlamaConfig(
+        dim=dim,
+        n_layers=n_layers,
+        n_heads=n_heads,
+        n_kv_heads=8,
+        hidden_dim=8192,
+        rope_scaling=RopeScaling(factor=32.0),
+        tie_word_embeddings=True,
+    )
+
+
 PRESETS: dict[str, LlamaConfig] = {
     "llama3.1-8b": _llama31(4096, 32, 32, 1.3, 1024),
     "llama3.1-70b": _llama31(8192, 80, 64, 1.3, 4096),
     "llama3.1-405b": _llama31(16384, 126, 128, 1.2, 4096),
+    "llama3.2-1b": _llama32(2048, 16, 32),  # head_dim 64
+    "llama3.2-3b": _llama32(3072, 28, 24),  # head_dim 128
     # A laptop-sized Llama 3.1 with the real vocabulary, GQA (8 query heads share 2 kv heads) and llama3
     # RoPE scaling: what the default run trains on CPU.
     "tiny": LlamaConfig(

@@ -8,6 +8,10 @@ written as a single `model.safetensors` (as transformers does); a larger one as
 Read: that layout (single file or index + shards), and Meta's original one (params.json plus
 `consolidated.NN.pth` model-parallel shards, whose q/k rows rotate interleaved pairs and are permuted here
 to the halves that hermes and Hugging Face rotate).
+
+A model with tied embeddings (`tie_word_embeddings`) stores its table once, as `model.embed_tokens.weight`:
+its files have no `lm_head.weight`, as transformers writes them (and a Meta checkpoint without
+`output.weight` is read as tied).
 """
 
 from __future__ import annotations
@@ -22,13 +26,14 @@ from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from hermes.model.config import LlamaConfig
-from hermes.model.llama import Llama
+from hermes.model.llama import TIED_HEAD_WEIGHT, Llama
 
 CONFIG_FILE = "config.json"
 SAFETENSORS_FILE = "model.safetensors"
@@ -59,6 +64,8 @@ _TOP = re.compile(r"(.+)\.(weight)")
 # Meta's precomputed rope.freqs (Llama 2). hermes recomputes both.
 _HF_IGNORED = re.compile(r".*\.rotary_emb\.inv_freq")
 _META_IGNORED = {"rope.freqs"}
+
+T = TypeVar("T")
 
 # Meta model-parallel shards: ColumnParallelLinear weights are split on dim 0 (output rows),
 # RowParallelLinear on dim 1; norms are replicated. The embedding: see `merge_meta_shards`.
@@ -111,6 +118,13 @@ def hermes_name(name: str) -> str:
 def hf_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The same tensors under Hugging Face names (hermes rotates halves like Hugging Face: no permutation)."""
     return {hf_name(name): tensor for name, tensor in state.items()}
+
+
+def stored_state(state: Mapping[str, T], config: LlamaConfig) -> dict[str, T]:
+    """The entries of a (hermes-named) state dict that a checkpoint stores: all of them, except a tied
+    model's `output.weight`, which is the embedding table a second time (`model.state_dict()` holds both
+    names; a file holds the table once)."""
+    return {n: t for n, t in state.items() if not (config.tie_word_embeddings and n == TIED_HEAD_WEIGHT)}
 
 
 def from_hf_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -196,14 +210,18 @@ def from_meta_state_dict(
 # Saving --------------------------------------------------------------------------------------------------
 
 
+def is_dtensor(tensor: torch.Tensor) -> bool:
+    """Whether `tensor` is a DTensor (a parallel layer sharded it); False where torch has no distributed."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
 def whole_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """The whole tensor: a DTensor is gathered (collective, every rank calls), anything else is itself."""
-    if torch.distributed.is_available():
-        from torch.distributed.tensor import DTensor
-
-        if isinstance(tensor, DTensor):
-            return tensor.full_tensor()
-    return tensor
+    return tensor.full_tensor() if is_dtensor(tensor) else tensor
 
 
 def _full_cpu(tensor: torch.Tensor) -> torch.Tensor:
@@ -248,7 +266,7 @@ def save_pretrained(model: Llama, directory: str | os.PathLike, max_shard_bytes:
         directory: the checkpoint directory (created with its parents if missing).
         max_shard_bytes: the largest shard file's payload, in bytes (a single larger tensor gets its own).
     """
-    state = model.state_dict()
+    state = stored_state(model.state_dict(), model.config)
     groups = plan_shard_files(state, max_shard_bytes)
     writer = _is_writer()
     directory = Path(directory)
@@ -423,7 +441,7 @@ def _check_against(
 
 def _expected_shapes(config: LlamaConfig) -> dict[str, torch.Size]:
     with torch.device("meta"):
-        return {name: t.shape for name, t in Llama(config).state_dict().items()}
+        return {name: t.shape for name, t in stored_state(Llama(config).state_dict(), config).items()}
 
 
 def _hf_weight_files(directory: Path) -> tuple[dict[str, str], str]:
@@ -532,6 +550,8 @@ def _read_meta(directory: Path, device, dtype) -> tuple[LlamaConfig, dict[str, t
     # params.json of Llama 3 may say vocab_size -1: the embedding (or output head) rows tell.
     rows = merged.get("tok_embeddings.weight", merged.get("output.weight"))
     config = LlamaConfig.from_meta(params, vocab_size=None if rows is None else rows.shape[0])
+    # params.json does not say whether the head is tied: a checkpoint without its weight is (Llama 3.2).
+    config = config.replace(tie_word_embeddings=TIED_HEAD_WEIGHT not in merged)
     listing = ", ".join(names)
     stored = {name: _Stored(name, tuple(t.shape), listing) for name, t in merged.items()}
     _check_against(

@@ -1,4 +1,5 @@
-"""Llama 3.1 in plain PyTorch: RMSNorm, grouped-query attention with scaled RoPE, SwiGLU, untied head.
+"""Llama 3.x in plain PyTorch: RMSNorm, grouped-query attention with scaled RoPE, SwiGLU, and an output head
+that is its own weight (Llama 3.1) or the embedding table (tied, Llama 3.2 1B / 3B).
 
 The model knows nothing of processes or meshes; hermes.parallel shards it from outside. Module names follow
 Meta's checkpoints (tok_embeddings, layers.N.attention.wq, ...), which is also what the parallel plans name.
@@ -8,16 +9,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from hermes.data.sample import IGNORE_INDEX
 from hermes.model.attention import KVCache, attention, masked_attention
 from hermes.model.config import LlamaConfig
+from hermes.model.inputs import IGNORE_INDEX, Packing
 from hermes.model.rope import apply_rope, rope_cos_sin, rope_frequencies
+
+if TYPE_CHECKING:
+    from torch.nn.modules.module import _IncompatibleKeys
 
 LOGPROB_CHUNK_TOKENS = 1024
 """Tokens per chunk when computing label log-probabilities: bounds the float32 logits alive at once."""
@@ -25,6 +30,11 @@ LOGPROB_CHUNK_TOKENS = 1024
 KEEP_LOGITS_BYTES = 2**30
 """Up to this many bytes of float32 logits (all labelled tokens of a forward) are kept for backward;
 beyond it each chunk is recomputed in backward instead (one more output-projection matmul per chunk)."""
+
+TIED_HEAD_WEIGHT = "output.weight"
+"""In a tied model, the state-dict name under which the embedding table appears a second time. Checkpoints
+store the table once, under the embedding's name (as transformers writes no lm_head.weight), and
+`Llama.load_state_dict` accepts a state without it."""
 
 
 class RMSNorm(nn.Module):
@@ -135,7 +145,7 @@ class TransformerBlock(nn.Module):
 
 
 class OutputHead(nn.Linear):
-    """The untied output projection, dim -> vocab. `chunk_logprobs` gives log p(label) for a chunk of
+    """The output projection, dim -> vocab. `chunk_logprobs` gives log p(label) for a chunk of
     tokens; a parallel plan may swap in a subclass that computes it on a vocabulary-sharded weight."""
 
     def chunk_logprobs(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -166,8 +176,28 @@ class Llama(nn.Module):
         )
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.output = OutputHead(config.dim, config.vocab_size, bias=False)
+        self.tie_weights()
+        self.register_load_state_dict_post_hook(_tie_after_load)
         if self.output.weight.device.type != "meta":
             self.init_weights()
+
+    def tie_weights(self) -> None:
+        """With `config.tie_word_embeddings`, make the output head's weight the embedding table: one
+        Parameter under two names, so one gradient (the sum of both uses) and one optimizer state.
+
+        Called at construction, by `to_empty` and after every `load_state_dict` (whose assign=True gives
+        each name a Parameter of its own); call it again after anything else that replaces either
+        Parameter.
+        """
+        if self.config.tie_word_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+
+    def to_empty(self, *, device: torch.device | str | int | None, recurse: bool = True) -> Llama:
+        """`nn.Module.to_empty`, the head staying tied (leaving the meta device gives each name a new
+        Parameter)."""
+        super().to_empty(device=device, recurse=recurse)
+        self.tie_weights()
+        return self
 
     def set_attention_backend(self, backend: str) -> None:
         """Route every block's attention through `backend` (see hermes.model.attention.BACKENDS)."""
@@ -181,6 +211,8 @@ class Llama(nn.Module):
         for layer in self.layers:
             layer.init_weights()
         self.norm.reset_parameters()
+        if self.config.tie_word_embeddings:
+            return  # the head is the embedding table, initialised above
         bound = 3 * self.config.dim**-0.5
         nn.init.trunc_normal_(self.output.weight, mean=0.0, std=self.config.dim**-0.5, a=-bound, b=bound)
 
@@ -259,16 +291,20 @@ class Llama(nn.Module):
     def forward(
         self,
         tokens: torch.Tensor,
+        packing: Packing | None = None,
+        labels: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        *,
         position_ids: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
         max_seqlen: int | None = None,
-        labels: torch.Tensor | None = None,
-        cache: KVCache | None = None,
     ) -> torch.Tensor:
         """Logits [batch, seq, vocab], or, given `labels`, their log-probabilities.
 
         Args:
             tokens: [batch, seq] token ids.
+            packing: where packed samples start and end (position ids, cu_seqlens, max_seqlen in one
+                object, as `hermes.data.packing.PackedBatch.packing` gives it); or pass the three below.
             position_ids: [batch, seq]; for packed rows they restart at 0 at each sample.
             cu_seqlens: int32 cumulative sample offsets into the flattened batch*seq tokens (packed rows).
             max_seqlen: longest sample in the batch (fused kernels use it).
@@ -279,10 +315,23 @@ class Llama(nn.Module):
                 each row; they attend to the cached ones and are added to the cache. position_ids default to
                 the cache positions counted from each row's first real token.
         """
+        if packing is not None:
+            position_ids, cu_seqlens, max_seqlen = (
+                packing.position_ids,
+                packing.cu_seqlens,
+                packing.max_seqlen,
+            )
         hidden = self.hidden_states(tokens, position_ids, cu_seqlens, max_seqlen, cache)
         if labels is None:
             return self.output(hidden)
         return label_logprobs(hidden, self.output, labels)
+
+
+def _tie_after_load(model: Llama, incompatible: _IncompatibleKeys) -> None:
+    """`load_state_dict` post-hook: re-tie the head, and let a tied model's state leave out its alias."""
+    model.tie_weights()
+    if model.config.tie_word_embeddings and TIED_HEAD_WEIGHT in incompatible.missing_keys:
+        incompatible.missing_keys.remove(TIED_HEAD_WEIGHT)
 
 
 def label_logprobs(

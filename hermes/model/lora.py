@@ -40,6 +40,7 @@ from hermes.model.hf import (
     _Stored,
     hermes_name,
     hf_name,
+    is_dtensor,
     whole_tensor,
 )
 
@@ -247,7 +248,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
     """
     for name, layer in lora_layers(model):
         weight = layer.base.weight
-        if _is_dtensor(weight):
+        if is_dtensor(weight):
             raise ValueError(
                 f"merge_lora: {name}.base.weight is sharded (DTensor); use "
                 "hermes.parallel.materialize.merge_lora_into_shards, or merge an unsharded model"
@@ -262,14 +263,6 @@ def unwrap_lora(model: nn.Module) -> nn.Module:
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, layer.base)
     return model
-
-
-def _is_dtensor(tensor: torch.Tensor) -> bool:
-    if not torch.distributed.is_available():
-        return False
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(tensor, DTensor)
 
 
 # PEFT layout ---------------------------------------------------------------------------------------------
@@ -464,7 +457,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
 def _placed_like(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """`tensor` in the dtype of `like`, distributed like it if `like` is a DTensor."""
     tensor = tensor.to(like.dtype)
-    if not _is_dtensor(like):
+    if not is_dtensor(like):
         return tensor
     from torch.distributed.tensor import distribute_tensor
 

@@ -1,4 +1,4 @@
-"""Rotary position embeddings with Llama 3.1 frequency scaling.
+"""Rotary position embeddings: plain, linearly scaled, or with Llama 3.1 frequency scaling.
 
 hermes rotates halves of each head, (i, i + head_dim/2), as Hugging Face does; Meta's interleaved-pair
 checkpoints are permuted on load (see hermes.model.hf).
@@ -10,18 +10,23 @@ import math
 
 import torch
 
-from hermes.model.config import RopeScaling
+from hermes.model.config import AnyRopeScaling, LinearRopeScaling
 
 
-def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None, device=None) -> torch.Tensor:
-    """Inverse frequencies f_i = theta^(-2i/d), i < d/2, with Llama 3.1 scaling applied (float32).
+def rope_frequencies(
+    head_dim: int, theta: float, scaling: AnyRopeScaling | None, device=None
+) -> torch.Tensor:
+    """Inverse frequencies f_i = theta^(-2i/d), i < d/2, scaled (float32).
 
-    Wavelengths w = 2*pi/f shorter than original_context / high_freq_factor keep f; longer than
+    No scaling keeps f. Linear scaling divides every f by its factor. Llama 3.1 scaling: wavelengths
+    w = 2*pi/f shorter than original_context / high_freq_factor keep f; longer than
     original_context / low_freq_factor get f / factor; in between, f is smoothly interpolated.
     """
     freqs = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float64) / head_dim)
     if scaling is None:
         return freqs.float()
+    if isinstance(scaling, LinearRopeScaling):
+        return (freqs / scaling.factor).float()
     wavelen = 2 * math.pi / freqs
     context = scaling.original_max_position_embeddings
     low_freq_wavelen = context / scaling.low_freq_factor

@@ -1,4 +1,9 @@
-"""FSDP2: shard each transformer block and the root over the data-parallel mesh."""
+"""FSDP2: shard each transformer block and the root over the data-parallel mesh.
+
+FSDP's gradient reduction sums, it does not average (gradient divide factor 1, as torchtitan sets it): a
+step's loss is each rank's local sum divided by the global batch's count, so the summed gradients are the
+gradient of the global mean whatever the number of ranks.
+"""
 
 from __future__ import annotations
 
@@ -18,7 +23,12 @@ def apply_fsdp(
     reduce_dtype: str = "float32",
     cpu_offload: bool = False,
 ) -> Llama:
-    """`fully_shard` every block, then the root (embedding, final norm and output head).
+    """Shard the model in torchtitan's units: the embedding, each block, the final norm with the output
+    head (kept gathered after forward: backward starts there), then the root. Each unit is gathered only
+    while it computes, so at most one block's, the embedding's or the head's full weights exist at a time.
+    A tied embedding table and head is one parameter, sharded once, in the root unit: FSDP2 requires a
+    shared parameter to belong to a single unit, so then the embedding and the head get no units of their
+    own.
 
     Args:
         model: the model, on meta (to be materialised after) or on a real device.
@@ -34,11 +44,21 @@ def apply_fsdp(
     kwargs = {"mesh": mesh, "mp_policy": policy}
     if cpu_offload:
         kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
+    tied = model.output.weight is model.tok_embeddings.weight
+    if not tied:
+        fully_shard(model.tok_embeddings, **kwargs)
     last = len(model.layers) - 1
     for i, block in enumerate(model.layers):
         # The last block's parameters are needed again right away by backward: keep them gathered.
         fully_shard(block, reshard_after_forward=i < last, **kwargs)
+    if not tied:
+        fully_shard([model.norm, model.output], reshard_after_forward=False, **kwargs)
     fully_shard(model, **kwargs)
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)
+            # Plain sums, with no pre- or post-scaling (gloo has no PREMUL_SUM; NCCL copies less).
+            module.set_force_sum_reduction_for_comms(True)
     return model
 
 

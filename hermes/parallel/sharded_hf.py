@@ -33,6 +33,7 @@ from hermes.model.hf import (
     new_staging_directory,
     plan_shard_files,
     publish_checkpoint,
+    stored_state,
 )
 from hermes.model.llama import Llama
 from hermes.parallel.materialize import base_weights
@@ -55,7 +56,8 @@ def load_sharded(model: nn.Module, directory: str | os.PathLike) -> None:
         ValueError: an unreadable shard (named), or tensors missing, unexpected or of the wrong shape (all
             listed, each with its file and both shapes); checked before any data is read.
     """
-    weights = base_weights(model)
+    # A tied head is the embedding table: it is filled with it, from the file's one copy.
+    weights = stored_state(base_weights(model), model.config)
     check_hf_tensors(directory, {name: t.shape for name, t in weights.items()})
     state = {hf_name(name): t for name, t in weights.items()}
     dcp.load(state, storage_reader=HuggingFaceStorageReader(str(directory)))
@@ -72,7 +74,7 @@ def save_sharded(model: Llama, directory: str | os.PathLike, max_shard_bytes: in
         directory: the checkpoint directory (created with its parents if missing).
         max_shard_bytes: the largest file's payload, in bytes (a single larger tensor gets its own).
     """
-    state = {hf_name(name): t for name, t in model.state_dict().items()}
+    state = {hf_name(name): t for name, t in stored_state(model.state_dict(), model.config).items()}
     files = plan_shard_files(state, max_shard_bytes)
     file_index = {name: k for k, names in enumerate(files.values(), start=1) for name in names}
     directory = Path(directory)

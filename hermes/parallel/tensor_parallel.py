@@ -14,6 +14,9 @@ The plan, per module (the residual stream between blocks is sharded on the seque
 | norm                                 | gathers the sequence (packed label positions index all of it)   |
 | output                               | colwise (vocabulary-sharded): log-probabilities by loss parallel|
 
+Both the rowwise embedding and the colwise head shard their [vocab, dim] weight on the vocabulary
+(`Shard(0)`), so a tied table (`tie_word_embeddings`) stays one DTensor serving both.
+
 Attention sees the whole sequence of its local heads, so packed rows (cu_seqlens, restarting positions)
 work as they do without tensor parallelism.
 
@@ -30,8 +33,11 @@ Colwise adapters split the LoRA rank, so it must divide by tp.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import (
@@ -40,6 +46,7 @@ from torch.distributed.tensor.parallel import (
     PrepareModuleInput,
     RowwiseParallel,
     SequenceParallel,
+    loss_parallel,
     parallelize_module,
 )
 
@@ -52,13 +59,21 @@ class LossParallelOutputHead(OutputHead):
     """The output head with a vocabulary-sharded weight: log p(label) comes from a softmax computed across
     the shards (torch's loss_parallel), so no rank gathers the 128,256-wide logits.
 
-    Forward and backward must run inside `torch.distributed.tensor.parallel.loss_parallel()` (the SFT and
-    DPO steps enter it; it is not re-entrant, so this head does not enter it itself)."""
+    Forward and backward must run inside `torch.distributed.tensor.parallel.loss_parallel()`, which is
+    not re-entrant and must also cover the backward pass (the head's log-probabilities are recomputed
+    there): `loss_context(model)` enters it around each micro-batch's forward and backward."""
 
     def chunk_logprobs(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         logits = self(hidden)  # a DTensor sharded on the vocabulary
         losses = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="none")
         return -losses.full_tensor()
+
+
+def loss_context(model: nn.Module) -> contextlib.AbstractContextManager:
+    """The context a micro-batch's forward and backward run in: loss parallelism when the model's output
+    head is vocabulary-sharded, else nothing."""
+    head = getattr(model, "output", None)
+    return loss_parallel() if isinstance(head, LossParallelOutputHead) else contextlib.nullcontext()
 
 
 def check_divisible(model: Llama, tp: int) -> None:
@@ -123,6 +138,8 @@ def apply_tensor_parallel(model: Llama, tp_mesh: DeviceMesh) -> Llama:
             ),
         },
     )
+    # Each style distributed its module's weight on its own: make the tied head the embedding's DTensor again.
+    model.tie_weights()
     model.output.__class__ = LossParallelOutputHead
     for block in model.layers:
         plan = {

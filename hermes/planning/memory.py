@@ -13,10 +13,11 @@ t = tp, W = dp_shard (the FSDP shard group; dp_replicate copies of it make HSDP)
 master weights (float32: 4), p of the compute dtype (`param_dtype`; activations are p wide too), r of the
 gradient reduce-scatter (`reduce_dtype`).
 
-Parameters. A block has B = d(H + 2KV)hd + H hd d + 3dF + 2d parameters, the root unit R = 2Vd + d; tensor
-parallelism splits every matrix t ways (norm weights stay whole), giving B_t and R_t per TP rank, and FSDP
-shards those W ways. LoRA of rank k on all seven projections adds k(7d + 2H hd + 2KV hd + 3F) per block
-(tensor parallelism splits the base projections, not the adapters).
+Parameters. A block has B = d(H + 2KV)hd + H hd d + 3dF + 2d parameters, the root unit R = 2Vd + d (Vd + d
+with tied embeddings: the head is the embedding table, counted once); tensor parallelism splits every
+matrix t ways (norm weights stay whole), giving B_t and R_t per TP rank, and FSDP shards those W ways.
+LoRA of rank k on all seven projections adds k(7d + 2H hd + 2KV hd + 3F) per block (tensor parallelism
+splits the base projections, not the adapters).
 
 States per GPU (FSDP shards): master weights m, gradients m (FSDP2 casts the reduced gradient back to the
 master dtype), optimizer states 2m (AdamW: exp_avg, exp_avg_sq) or m (RMSProp). Full fine-tuning with
@@ -28,9 +29,10 @@ FSDP buffers. The root unit is not resharded after forward (FSDP2 keeps the root
 backward to need it at once): R_t p through the whole step. A block is gathered in p while it computes;
 in backward the next block is prefetched (`prefetch` = 2 blocks in flight; with W = 1 FSDP2's all-gather
 is a no-op and a prefetch allocates nothing). Backward holds unsharded gradients in p: the output head's
-(Vd/t p) from the first head chunk until the root's reduce-scatter at the very end, and the block's own,
-which fill the memory its activations free as backward moves through it (the planner counts the larger of
-the two), plus a reduce-scatter input in r (FSDP2 keeps the previous block's until the next reduce).
+(Vd/t p; when tied, the table's, which the embedding's adds into) from the first head chunk until the
+root's reduce-scatter at the very end, and the block's own, which fill the memory its activations free as
+backward moves through it (the planner counts the larger of the two), plus a reduce-scatter input in r
+(FSDP2 keeps the previous block's until the next reduce).
 
 Phases. Sharded gradients exist only from each unit's reduce-scatter on (the training loop sets them to None
 after every optimizer step; one micro-batch per optimizer step is assumed: FSDP2's no-sync gradient
@@ -160,9 +162,14 @@ def block_parameters(c: LlamaConfig) -> int:
     return attention + 3 * c.dim * c.hidden_dim + 2 * c.dim
 
 
+def vocab_tables(c: LlamaConfig) -> int:
+    """[vocab, dim] matrices the model holds: the embedding table and the output head, or one tied table."""
+    return 1 if c.tie_word_embeddings else 2
+
+
 def root_parameters(c: LlamaConfig) -> int:
-    """Parameters of FSDP's root unit: embedding table, output head, final norm weight."""
-    return 2 * c.vocab_size * c.dim + c.dim
+    """Parameters of FSDP's root unit: embedding table, output head (the same table when tied), final norm."""
+    return vocab_tables(c) * c.vocab_size * c.dim + c.dim
 
 
 def lora_parameters(c: LlamaConfig, rank: int) -> int:
@@ -301,7 +308,7 @@ def plan(
 
     # Parameters per rank: TP splits the matrices (norm weights stay whole), FSDP shards the rest.
     block_t = (block_parameters(c) - 2 * d) / tp + 2 * d
-    root_t = 2 * V * d / tp + d
+    root_t = vocab_tables(c) * V * d / tp + d
     adapter_t = lora_parameters(c, k)  # tensor parallelism splits the base projections, not the adapters
     block_trained = adapter_t if lora else block_t
     root_trained = 0.0 if lora else root_t

@@ -29,10 +29,13 @@ def non_embedding_params(config: LlamaConfig) -> int:
 def training_flops(config: LlamaConfig, sample_lengths: list[int]) -> float:
     """FLOPs of one forward + backward over samples of these lengths: 6 N per token plus
     12 * layers * dim * span per token, where span is the token's own sample length (PaLM / torchtitan
-    convention, no causal discount; with packing the span is the sample's, not the row's)."""
+    convention, no causal discount; with packing the span is the sample's, not the row's). N excludes the
+    embedding table; a tied head is that table, so it is excluded with it."""
     tokens = sum(sample_lengths)
     attention = 12 * config.n_layers * config.dim * sum(n * n for n in sample_lengths)
-    return 6 * non_embedding_params(config) * tokens + attention
+    tied_head = config.dim * config.vocab_size if config.tie_word_embeddings else 0
+    params = non_embedding_params(config) - tied_head
+    return 6 * params * tokens + attention
 
 
 class MetricsLog:
