@@ -5,17 +5,7 @@ form a gloo world.
 
 from __future__ import annotations
 
-import os
-import pickle
-import socket
-import tempfile
-from collections.abc import Callable
-from pathlib import Path
-from typing import Any
-
 import numpy as np
-import torch
-import torch.multiprocessing as mp
 
 from hermes.data.dataset import TokenizedDataset
 from hermes.data.sample import IGNORE_INDEX
@@ -37,31 +27,3 @@ def fold_vocabulary(dataset: TokenizedDataset, pad_id: int, vocab_size: int) -> 
     labels = np.where(dataset.labels == IGNORE_INDEX, IGNORE_INDEX, dataset.labels % vocab_size)
     folded = TokenizedDataset(dataset.tokens % vocab_size, labels, dataset.offsets, dataset.categories)
     return folded, pad_id % vocab_size
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _entry(rank: int, world: int, port: int, fn: Callable[..., Any], args: tuple, out: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world),
-    )
-    torch.set_num_threads(1)
-    result = fn(*args)
-    Path(out, f"{rank}.pkl").write_bytes(pickle.dumps(result))
-
-
-def run_on_processes(fn: Callable[..., Any], processes: int, *args: Any) -> list[Any]:
-    """`fn(*args)` on `processes` freshly spawned processes, 1 torch thread each, with the environment of a
-    torchrun world (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) for `hermes.parallel.mesh.init_distributed`.
-    Returns each rank's return value, by rank. Call it from under `if __name__ == "__main__":`."""
-    with tempfile.TemporaryDirectory() as out:
-        mp.spawn(_entry, args=(processes, _free_port(), fn, args, out), nprocs=processes, join=True)
-        return [pickle.loads(Path(out, f"{rank}.pkl").read_bytes()) for rank in range(processes)]

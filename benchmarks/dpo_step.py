@@ -72,13 +72,14 @@ from hermes.model import Llama, LlamaConfig
 from hermes.model.lora import apply_lora
 from hermes.parallel.activation_checkpointing import apply_activation_checkpointing
 from hermes.parallel.fsdp import apply_fsdp
-from hermes.parallel.mesh import ParallelDims, build_mesh, fsdp_mesh, init_distributed
+from hermes.parallel.mesh import ParallelDims, build_mesh, init_distributed
 from hermes.planning.measure import allocator_peak, rss_peak
 from hermes.planning.memory import DTYPE_BYTES, GIB, plan
 from hermes.train.dpo import dpo_step, sequence_logprobs
 from hermes.train.losses import dpo_loss
 from hermes.train.neftune import neftune
 from hermes.train.optim import build_optimizer
+from hermes.train.trainer import micro_batches
 
 MIB = 2**20
 LORA = LoraConfig()
@@ -140,7 +141,7 @@ def padded(
 def one_process_mesh() -> DeviceMesh:
     """The mesh of a world of one (joined on first use): what FSDP shards over in a 1-process run."""
     init_distributed()
-    return fsdp_mesh(build_mesh(ParallelDims(1, -1, 1, 1)))
+    return build_mesh(ParallelDims(1, -1, 1, 1)).fsdp
 
 
 def lora_model(config: LlamaConfig, mesh: DeviceMesh, checkpointing: str) -> Llama:
@@ -160,7 +161,7 @@ def lora_dpo(config: LlamaConfig, mesh: DeviceMesh, checkpointing: str) -> StepF
     optimizer = build_optimizer(model, LORA_OPTIMIZER)
 
     def step(batch: StepBatch) -> float:
-        metrics = dpo_step(model, batch, 1, DPO.beta, DPO.label_smoothing, DPO.neftune_alpha)
+        metrics = dpo_step(model, batch, micro_batches(model, batch, torch.device("cpu")), DPO)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return float(metrics["loss"])

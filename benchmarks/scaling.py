@@ -32,14 +32,13 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 from _common import SMALL_VOCAB, fold_vocabulary, run_on_processes
-from torch.distributed.device_mesh import DeviceMesh
 from train_step import SEED, Shape, bundled_dataset, hermes_step, step_batches, timed
 
 from hermes.config import OptimConfig
 from hermes.data.dataset import TokenizedDataset
 from hermes.model import Llama, LlamaConfig
 from hermes.parallel.fsdp import apply_fsdp
-from hermes.parallel.mesh import ParallelDims, build_mesh, dp_rank, fsdp_mesh, init_distributed
+from hermes.parallel.mesh import Meshes, ParallelDims, build_mesh, init_distributed
 from hermes.parallel.tensor_parallel import apply_tensor_parallel
 from hermes.train.optim import build_optimizer
 
@@ -100,14 +99,14 @@ class LayoutResult:
         return self._tokens_per_s([sum(step) for step in zip(*(r.cpu for r in self.ranks))])
 
 
-def parallel_model(config: LlamaConfig, mesh: DeviceMesh) -> Llama:
+def parallel_model(config: LlamaConfig, mesh: Meshes) -> Llama:
     """A freshly initialised model (the same weights on every rank), parallelised as
     `hermes.train.build.model` does with activation checkpointing off: tensor parallel, then FSDP2."""
     torch.manual_seed(SEED)
     model = Llama(config).train()
-    if mesh["tp"].size() > 1:
-        apply_tensor_parallel(model, mesh["tp"])
-    return apply_fsdp(model, fsdp_mesh(mesh))
+    if mesh.tp.size() > 1:
+        apply_tensor_parallel(model, mesh.tp)
+    return apply_fsdp(model, mesh.fsdp)
 
 
 def _rank(
@@ -125,14 +124,14 @@ def _rank(
     model = parallel_model(config, mesh)
     optimizer = build_optimizer(model, OptimConfig())
     warmup, timed_steps = steps
-    batches = step_batches(dataset, pad_id, shape, warmup + timed_steps, dp_rank(mesh), dims.dp_size)
+    batches = step_batches(dataset, pad_id, shape, warmup + timed_steps, mesh.dp_rank, dims.dp_size)
     times = RankTimes()
     for i, batch in enumerate(batches):
         dist.barrier()
-        loss, wall, cpu = timed(hermes_step, model, optimizer, batch, dims.dp_size)
+        loss, wall, cpu = timed(hermes_step, model, optimizer, batch)
         if i == 0:  # each data-parallel rank holds its share; the tensor-parallel ranks of one agree
             total = torch.tensor([loss])
-            dist.all_reduce(total, group=mesh["dp_shard"].get_group())
+            dist.all_reduce(total, group=mesh.batch.get_group())
             times.first_loss = float(total)
         if i >= warmup:
             times.wall.append(wall)

@@ -63,10 +63,11 @@ from hermes.data.tokenizer import Tokenizer
 from hermes.model import Llama, LlamaConfig
 from hermes.model.attention import available_backends
 from hermes.parallel.fsdp import apply_fsdp
-from hermes.parallel.mesh import ParallelDims, build_mesh, dp_rank, fsdp_mesh, init_distributed
+from hermes.parallel.mesh import ParallelDims, build_mesh, init_distributed
 from hermes.train.metrics import H100_BF16_PEAK_FLOPS, training_flops
 from hermes.train.optim import build_optimizer, parameter_groups
 from hermes.train.sft import sft_step
+from hermes.train.trainer import micro_batches
 
 SEED = 0
 FSDP_PROCESSES = 2
@@ -150,9 +151,9 @@ def padded_micro_batches(
 # Steps ---------------------------------------------------------------------------------------------------
 
 
-def hermes_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: StepBatch, dp_size: int) -> float:
+def hermes_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: StepBatch) -> float:
     """`sft_step` then the optimizer step; returns this rank's share of the step's loss."""
-    loss = sft_step(model, batch, dp_size)["loss"]
+    loss = sft_step(model, batch, micro_batches(model, batch, torch.device("cpu")))["loss"]
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return float(loss)
@@ -251,7 +252,7 @@ def run_single_process(
         twin = transformers_twin(model)
         twin_optimizer = same_adamw(twin, settings)
     for i, batch in enumerate(step_batches(dataset, pad_id, shape, args.warmup + args.steps)):
-        runs = [(hermes, timed(hermes_step, model, optimizer, batch, 1), packed_slots(batch))]
+        runs = [(hermes, timed(hermes_step, model, optimizer, batch), packed_slots(batch))]
         if twin is not None:
             padded = padded_micro_batches(unpacked_samples(batch), args.hf_micro_batch, pad_id)
             labelled = batch.global_labelled_tokens
@@ -276,14 +277,14 @@ def _fsdp_worker(
     init_distributed()
     mesh = build_mesh(ParallelDims(1, -1, 1, FSDP_PROCESSES))
     torch.manual_seed(SEED)
-    model = apply_fsdp(Llama(config).train(), fsdp_mesh(mesh))
+    model = apply_fsdp(Llama(config).train(), mesh.fsdp)
     optimizer = build_optimizer(model, OptimConfig())
     warmup, timed_steps = steps
-    batches = step_batches(dataset, pad_id, shape, warmup + timed_steps, dp_rank(mesh), FSDP_PROCESSES)
+    batches = step_batches(dataset, pad_id, shape, warmup + timed_steps, mesh.dp_rank, FSDP_PROCESSES)
     result = Result("hermes FSDP2 gloo (packed)", FSDP_PROCESSES, 1)
     for i, batch in enumerate(batches):
         dist.barrier()
-        loss, wall, cpu = timed(hermes_step, model, optimizer, batch, FSDP_PROCESSES)
+        loss, wall, cpu = timed(hermes_step, model, optimizer, batch)
         slowest = torch.tensor([wall, cpu])
         dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
         total_loss = torch.tensor([loss])
@@ -398,7 +399,7 @@ def cuda_main(args: argparse.Namespace) -> None:
             for i, batch in enumerate(batches):
                 torch.cuda.synchronize()
                 start = time.perf_counter()
-                loss = hermes_step(model, optimizer, batch, 1)
+                loss = hermes_step(model, optimizer, batch)
                 torch.cuda.synchronize()
                 first_loss = loss if i == 0 else first_loss
                 if i >= args.warmup:

@@ -19,7 +19,7 @@ from hermes.data.pipeline import bundled_example
 from hermes.data.records import read_conversations
 from hermes.model import Llama, LlamaConfig
 from hermes.parallel.fsdp import apply_fsdp
-from hermes.parallel.mesh import ParallelDims, build_mesh, dp_rank, fsdp_mesh, init_distributed
+from hermes.parallel.mesh import ParallelDims, build_mesh, init_distributed
 from hermes.train.losses import sft_loss
 from hermes.train.optim import build_optimizer, build_scheduler
 
@@ -44,7 +44,7 @@ def main() -> None:
         seq_len=args.seq_len,
         global_batch=2 * dims.dp_size,
         micro_batch=1,
-        dp_rank=dp_rank(mesh),
+        dp_rank=mesh.dp_rank,
         dp_size=dims.dp_size,
         seed=0,
         pad_id=chat.tokenizer.pad_id,
@@ -52,7 +52,7 @@ def main() -> None:
 
     # Model: the same initial weights on every rank, then sharded.
     torch.manual_seed(0)
-    model = apply_fsdp(Llama(LlamaConfig.preset(args.preset)), fsdp_mesh(mesh))
+    model = apply_fsdp(Llama(LlamaConfig.preset(args.preset)), mesh.fsdp)
     optim_config = OptimConfig(lr=2e-3, warmup_steps=3)
     optimizer = build_optimizer(model, optim_config)
     scheduler = build_scheduler(optimizer, optim_config, total_steps=args.steps)
@@ -61,14 +61,9 @@ def main() -> None:
         batch = loader.next_batch()
         step_loss = torch.zeros(())
         for micro in batch.micro_batches:
-            logprobs = model(
-                micro.tokens,
-                position_ids=micro.position_ids,
-                cu_seqlens=micro.cu_seqlens,
-                labels=micro.labels,
-            )
-            loss = sft_loss(logprobs, batch.global_labelled_tokens)
-            (loss * dims.dp_size).backward()  # FSDP averages gradients over the data-parallel ranks
+            logprobs = model(micro.tokens, micro.packing, labels=micro.labels)
+            loss = sft_loss(logprobs, batch.global_labelled_tokens)  # this rank's sum / the global count
+            loss.backward()  # apply_fsdp sums gradients over the ranks (divide factor 1)
             step_loss += loss.detach()
         dist.all_reduce(step_loss)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

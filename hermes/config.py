@@ -17,6 +17,10 @@ from typing import Any
 import tomli_w
 
 from hermes.data.chat_template import DEFAULT_SYSTEM_PROMPT
+from hermes.data.packing import OverlongPolicy
+from hermes.model.attention import BACKENDS
+from hermes.model.config import PRESETS
+from hermes.parallel.activation_checkpointing import MODES as CHECKPOINTING_MODES
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -24,31 +28,38 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 
-def _opt(default: Any, help: str, choices: tuple[Any, ...] = ()) -> Any:
+def _opt(default: Any, help: str, choices: tuple[Any, ...] = (), *, at_least: float | None = None) -> Any:
+    """A configuration field: its default, a one-line help, the accepted values (empty: any of its type)
+    and, for numbers, the smallest accepted value; both are checked when the value is set."""
+    metadata = {"help": help, "choices": tuple(choices), "at_least": at_least}
     if isinstance(default, (list, dict)):
-        return field(
-            default_factory=lambda: type(default)(default), metadata={"help": help, "choices": choices}
-        )
-    return field(default=default, metadata={"help": help, "choices": choices})
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
 class RunConfig:
+    recipe: str = _opt(
+        "sft", "What the run trains (written into config.toml; set by the launch script).", ("sft", "dpo")
+    )
     name: str = _opt("tiny-sft", "Run name; the run directory defaults to runs/<name>.")
     dir: str = _opt("", "Run directory (config.toml, metrics.jsonl, checkpoints/); empty = runs/<name>.")
     seed: int = _opt(0, "Seed of initialisation, shuffling and dropout.")
+    allow_changes: list[str] = _opt(
+        [],
+        "Keys (section.key, or data.cache_key for changed data files) that a resume may change from what "
+        "its checkpoint was trained with; the new values are applied and logged. Empty = refuse any change.",
+    )
 
 
 @dataclass
 class ModelConfig:
-    preset: str = _opt(
-        "tiny",
-        "Model shape when starting fresh.",
-        ("tiny", "debug", "llama3.1-8b", "llama3.1-70b", "llama3.1-405b"),
-    )
+    preset: str = _opt("tiny", "Model shape when starting fresh.", tuple(PRESETS))
     checkpoint: str = _opt("", "Hugging Face or Meta checkpoint directory to fine-tune; empty = fresh init.")
     dtype: str = _opt("float32", "Dtype of the master weights.", ("float32", "bfloat16"))
-    attention_backend: str = _opt("auto", "Attention kernel for packed rows (see hermes.model.attention).")
+    attention_backend: str = _opt(
+        "auto", "Attention kernel for packed rows (see hermes.model.attention).", BACKENDS
+    )
 
 
 @dataclass
@@ -60,14 +71,27 @@ class TokenizerConfig:
 
 @dataclass
 class DataConfig:
-    train: list[str] = _opt([], "Training JSONL files; empty = the bundled example.")
+    train: list[str] = _opt(
+        [],
+        "Training data: JSONL (.jsonl, .jsonl.gz, .jsonl.zst), Parquet or Arrow files, directories "
+        "written by datasets' save_to_disk, or dataset repository directories (see hermes.data.sources); "
+        "empty = the bundled example.",
+    )
     seq_len: int = _opt(512, "Tokens per packed row.")
-    overlong: str = _opt("truncate", "What to do with a sample longer than seq_len.", ("truncate", "drop"))
+    overlong: str = _opt(
+        "truncate", "What to do with a sample longer than seq_len.", typing.get_args(OverlongPolicy)
+    )
     min_tokens: int = _opt(0, "Drop samples with fewer tokens (0 = no minimum).")
     max_tokens: int = _opt(0, "Drop samples with more tokens before packing (0 = no maximum).")
     drop_refusals: bool = _opt(True, "Drop conversations whose assistant turns contain refusal phrases.")
     mixture: dict[str, float] = _opt({}, "Category -> target share of tokens; empty = the data as it is.")
     cache_dir: str = _opt("", "Where tokenized data is cached; empty = <run dir>/../.cache/tokenized.")
+    workers: int = _opt(
+        0,
+        "Processes that read, filter, render and tokenize data.train on the rank that builds the cache; "
+        "0 = one per CPU core it may use. The result does not depend on it.",
+        at_least=0,
+    )
     chat_template: str = _opt(
         "hermes",
         'How conversations are rendered: "hermes" (the Hermes 3 format), "checkpoint" (model.checkpoint\'s '
@@ -83,23 +107,33 @@ class DataConfig:
 @dataclass
 class OptimConfig:
     name: str = _opt("adamw", "Optimizer.", ("adamw", "rmsprop"))
-    lr: float = _opt(2e-3, "Peak learning rate.")
-    weight_decay: float = _opt(0.01, "Decoupled weight decay (AdamW), on matrices only (not norms).")
+    lr: float = _opt(2e-3, "Peak learning rate.", at_least=0.0)
+    weight_decay: float = _opt(
+        0.01, "Decoupled weight decay (AdamW), on matrices only (not norms).", at_least=0.0
+    )
     betas: list[float] = _opt([0.9, 0.999], "AdamW betas.")
     eps: float = _opt(1e-8, "Optimizer epsilon.")
-    warmup_steps: int = _opt(5, "Linear warmup steps from 0 to the peak learning rate.")
+    warmup_steps: int = _opt(5, "Linear warmup steps from 0 to the peak learning rate.", at_least=0)
     schedule: str = _opt("cosine", "Decay after warmup.", ("cosine", "linear", "constant"))
-    min_lr_ratio: float = _opt(0.0, "Final learning rate as a fraction of the peak.")
+    min_lr_ratio: float = _opt(0.0, "Final learning rate as a fraction of the peak.", at_least=0.0)
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = _opt(3, "Passes over the data.")
-    max_steps: int = _opt(40, "Stop after this many optimizer steps (0 = when the epochs end).")
-    global_batch: int = _opt(4, "Packed rows per optimizer step, over all data-parallel ranks.")
-    micro_batch: int = _opt(2, "Packed rows per forward/backward on one rank.")
-    grad_clip: float = _opt(1.0, "Max global gradient norm (0 = no clipping).")
-    checkpoint_every: int = _opt(20, "Save a checkpoint every this many steps (0 = only at epoch ends).")
+    epochs: int = _opt(3, "Passes over the data.", at_least=1)
+    max_steps: int = _opt(40, "Stop after this many optimizer steps (0 = when the epochs end).", at_least=0)
+    global_batch: int = _opt(4, "Packed rows per optimizer step, over all data-parallel ranks.", at_least=1)
+    micro_batch: int = _opt(2, "Packed rows per forward/backward on one rank.", at_least=1)
+    grad_clip: float = _opt(1.0, "Max global gradient norm (0 = no clipping).", at_least=0.0)
+    checkpoint_every: int = _opt(
+        20, "Save a checkpoint every this many steps (0 = only at epoch ends).", at_least=0
+    )
+    keep_checkpoints: int = _opt(
+        3,
+        "Keep the newest this many checkpoints (0 = all); epoch-end checkpoints are always kept.",
+        at_least=0,
+    )
+    async_checkpoint: bool = _opt(False, "Write checkpoints in the background while training goes on.")
     export_hf: bool = _opt(True, "Write a Hugging Face directory (<run dir>/hf) at the end.")
 
 
@@ -107,11 +141,9 @@ class TrainConfig:
 class ParallelConfig:
     dp_replicate: int = _opt(1, "Data-parallel replicas (HSDP: usually the number of nodes).")
     dp_shard: int = _opt(-1, "FSDP shard group size; -1 = the rest of the world.")
-    tp: int = _opt(1, "Tensor-parallel degree (inside a node).")
+    tp: int = _opt(1, "Tensor-parallel degree (inside a node).", at_least=1)
     cpu_offload: bool = _opt(False, "Keep sharded parameters, gradients and optimizer states in CPU memory.")
-    activation_checkpointing: str = _opt(
-        "none", "Recompute activations in backward.", ("none", "full", "selective")
-    )
+    activation_checkpointing: str = _opt("none", "Recompute activations in backward.", CHECKPOINTING_MODES)
     param_dtype: str = _opt(
         "auto",
         "Dtype of compute (FSDP mixed precision); auto = bfloat16 on GPU, float32 on CPU.",
@@ -123,28 +155,31 @@ class ParallelConfig:
 
 @dataclass
 class LoraConfig:
-    rank: int = _opt(32, "LoRA rank r.")
+    rank: int = _opt(
+        0, "LoRA rank r: SFT trains a LoRA adapter when > 0 (0 = all weights); DPO needs one.", at_least=0
+    )
     alpha: float = _opt(16.0, "LoRA alpha (scale = alpha / r).")
-    dropout: float = _opt(0.05, "Dropout on the adapter input.")
+    dropout: float = _opt(0.05, "Dropout on the adapter input.", at_least=0.0)
     targets: list[str] = _opt(["all-linear"], "Module names to adapt; all-linear = q/k/v/o/gate/up/down.")
 
 
 @dataclass
 class DpoConfig:
-    beta: float = _opt(0.1, "DPO temperature beta.")
-    label_smoothing: float = _opt(0.0, "Conservative DPO label smoothing.")
-    neftune_alpha: float = _opt(5.0, "NEFTune noise scale (0 = off).")
+    beta: float = _opt(0.1, "DPO temperature beta.", at_least=0.0)
+    label_smoothing: float = _opt(0.0, "Conservative DPO label smoothing.", at_least=0.0)
+    neftune_alpha: float = _opt(5.0, "NEFTune noise scale (0 = off).", at_least=0.0)
 
 
 @dataclass
 class LoggingConfig:
     wandb: str = _opt("off", "Weights & Biases logging.", ("off", "offline", "online"))
-    progress: bool = _opt(True, "Progress bar on rank 0.")
-    log_every: int = _opt(1, "Print a metrics line every this many steps.")
+    progress: bool = _opt(True, "A progress line per step on rank 0.")
 
 
 @dataclass
 class Config:
+    """The SFT run configuration (`launch/sft.py`); DPOConfig adds the [dpo] section."""
+
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
@@ -153,7 +188,6 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
-    dpo: DpoConfig = field(default_factory=DpoConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     @property
@@ -162,6 +196,21 @@ class Config:
 
     def to_toml(self) -> str:
         return tomli_w.dumps(dataclasses.asdict(self))
+
+
+@dataclass
+class DPOConfig(Config):
+    """The DPO run configuration (`launch/dpo.py`): SFT's sections and [dpo]."""
+
+    dpo: DpoConfig = field(default_factory=DpoConfig)
+
+    def __post_init__(self) -> None:
+        self.run.recipe = "dpo"
+        self.lora.rank = 32  # the report's DPO adapter: r 32, alpha 16, dropout 0.05
+
+
+RECIPES: dict[str, type[Config]] = {"sft": Config, "dpo": DPOConfig}
+"""The configuration root of each recipe, by `run.recipe`."""
 
 
 class ConfigError(ValueError):
@@ -193,6 +242,11 @@ def _coerce(key: str, value: Any, annotation: Any, choices: tuple[Any, ...]) -> 
     return value
 
 
+def _check_range(key: str, value: Any, at_least: float | None) -> None:
+    if at_least is not None and value < at_least:
+        raise ConfigError(f"{key} = {value!r} is out of range: it must be at least {at_least}")
+
+
 def _parse_override_value(text: str) -> Any:
     try:
         return tomllib.loads(f"v = {text}")["v"]
@@ -201,33 +255,64 @@ def _parse_override_value(text: str) -> Any:
 
 
 def _apply(config: Config, section: str, key: str, value: Any) -> None:
-    sections = {f.name: f for f in dataclasses.fields(Config)}
+    sections = {f.name: f for f in dataclasses.fields(config)}
     if section not in sections:
-        raise ConfigError(f"Unknown config section [{section}]; sections are {', '.join(sections)}")
+        raise ConfigError(
+            f"Unknown config section [{section}]; sections are {', '.join(sections)} "
+            f"(the {config.run.recipe} configuration)"
+        )
     target = getattr(config, section)
     fields = {f.name: f for f in dataclasses.fields(target)}
     if key not in fields:
         raise ConfigError(f"Unknown key {section}.{key}; [{section}] takes {', '.join(fields)}")
+    if (section, key) == ("run", "recipe") and value != config.run.recipe:
+        raise ConfigError(
+            f"run.recipe = {value!r}, but this is the {config.run.recipe} configuration: use "
+            f"launch/{value}.py for it"
+        )
     hints = typing.get_type_hints(type(target))
-    setattr(target, key, _coerce(f"{section}.{key}", value, hints[key], fields[key].metadata["choices"]))
+    metadata = fields[key].metadata
+    coerced = _coerce(f"{section}.{key}", value, hints[key], metadata["choices"])
+    _check_range(f"{section}.{key}", coerced, metadata["at_least"])
+    setattr(target, key, coerced)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+def _read_toml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"Config file {path} not found; pass --config with an existing TOML file")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: not valid TOML ({err})") from None
+
+
+def load_run_config(path: str | Path) -> Config:
+    """A run's config.toml, in the configuration of the recipe it records (run.recipe)."""
+    recipe = _read_toml(Path(path)).get("run", {}).get("recipe", "sft")
+    if recipe not in RECIPES:
+        raise ConfigError(f"{path}: run.recipe = {recipe!r} is not one of {', '.join(map(repr, RECIPES))}")
+    return load_config(path, recipe=RECIPES[recipe])
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, recipe: type[Config] = Config
+) -> Config:
     """Defaults, then the TOML file at `path`, then `--section.key value` overrides (in order).
 
+    Args:
+        path: a TOML file, or None for the defaults.
+        overrides: `--section.key value` (or `--section.key=value`) items.
+        recipe: the configuration root: Config (SFT) or DPOConfig.
+
     Raises:
-        ConfigError: unknown section or key, wrong type, value outside the choices, malformed override.
+        ConfigError: unknown section or key, wrong type, value outside the choices or the range, malformed
+            override.
         FileNotFoundError: `path` does not exist.
     """
-    config = Config()
+    config = recipe()
     if path:
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"Config file {path} not found; pass --config with an existing TOML file")
-        try:
-            data = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as err:
-            raise ConfigError(f"{path}: not valid TOML ({err})") from None
+        data = _read_toml(path)
         for section, table in data.items():
             if not isinstance(table, dict):
                 raise ConfigError(f"{path}: top-level key {section!r} must be a [section] table")
@@ -253,7 +338,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return config
 
 
-def parse_args(argv: list[str]) -> Config:
+def parse_args(argv: list[str], recipe: type[Config] = Config) -> Config:
     """`[--config FILE] [--section.key value ...]` as given to a launch script."""
     argv = list(argv)
     path = None
@@ -263,4 +348,4 @@ def parse_args(argv: list[str]) -> Config:
             raise ConfigError("--config needs a TOML file path")
         path = argv[i + 1]
         del argv[i : i + 2]
-    return load_config(path, argv)
+    return load_config(path, argv, recipe)

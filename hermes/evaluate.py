@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from hermes.data.chat_files import check_vocabulary
 from hermes.data.sample import IGNORE_INDEX
 from hermes.data.tokenizer import Tokenizer
 from hermes.generate import load_chat_format, load_model
@@ -158,6 +159,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     items = read_items(args.items)
     model = load_model(args.model, args.adapter, device=args.device)
     tokenizer = load_chat_format(args.model).tokenizer
+    check_vocabulary(tokenizer, model.config.vocab_size, str(args.model))
     scores = [score_item(model, tokenizer, item) for item in items]
     result = {"items": len(scores), **accuracy(scores)}
     if args.json:

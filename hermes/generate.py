@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,14 +22,13 @@ from typing import Any
 
 import torch
 
-from hermes.config import Config, load_config
+from hermes.config import Config, load_run_config
 from hermes.data.chat_files import AnyChatFormat, read_chat_format
 from hermes.data.conversation import Message
 from hermes.model import Llama, LlamaConfig
 from hermes.model.hf import load_pretrained
 from hermes.model.lora import apply_lora, load_adapter, merge_lora
-from hermes.parallel.checkpoint import latest_checkpoint
-from hermes.parallel.safe_dcp import SafeFileSystemReader, load_state
+from hermes.parallel.checkpoint import checkpointed_model_names, latest_checkpoint, load_model_only
 
 RUN_CONFIG_FILE = "config.toml"
 """The resolved configuration a training run writes into its directory; its presence marks a run directory."""
@@ -77,7 +75,7 @@ def load_chat_format(source: str | os.PathLike) -> AnyChatFormat:
     tokenizer in the Hermes format."""
     source = Path(source)
     if (source / RUN_CONFIG_FILE).is_file():
-        config = load_config(source / RUN_CONFIG_FILE)
+        config = load_run_config(source / RUN_CONFIG_FILE)
         return read_chat_format(
             config.model.checkpoint or None,
             tokenizer_path=config.tokenizer.path or None,
@@ -96,10 +94,8 @@ def _load_run(run_dir: Path) -> Llama:
             "train longer or point --model at an exported Hugging Face directory such as "
             f"{run_dir / 'hf'}"
         )
-    config = load_config(run_dir / RUN_CONFIG_FILE)
-    prefix = "model."
-    metadata = SafeFileSystemReader(checkpoint).read_metadata()
-    stored = {key[len(prefix) :] for key in metadata.state_dict_metadata if key.startswith(prefix)}
+    config = load_run_config(run_dir / RUN_CONFIG_FILE)
+    stored = checkpointed_model_names(checkpoint)
     adapted = any(".lora_A." in name for name in stored)
     model = _run_base_model(config, needs_values=adapted)
     if adapted:
@@ -119,9 +115,7 @@ def _load_run(run_dir: Path) -> Llama:
             f"{checkpoint} does not fit the model {run_dir / RUN_CONFIG_FILE} describes: "
             f"{'; '.join(problems)}. Keep the run's config.toml as the run wrote it."
         )
-    with warnings.catch_warnings():  # DCP warns that it loads in one process, which is the intent here
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        load_state({"model": {name: state[name] for name in stored}}, checkpoint)
+    load_model_only(checkpoint, model, stored)
     return merge_lora(model) if adapted else model
 
 

@@ -1,4 +1,5 @@
-"""DPO entry point (LoRA adapter; the reference model is the same weights with the adapter off).
+"""DPO entry point (LoRA adapter; the reference model is the same weights with the adapter off; the recipe
+reads top to bottom in hermes/train/dpo.py).
 
     torchrun --standalone --nproc_per_node 2 launch/dpo.py [--config FILE] [--section.key value ...]
 
@@ -9,10 +10,10 @@ With no --config it uses launch/configs/dpo-tiny.toml: the tiny model exported b
 import sys
 from pathlib import Path
 
+from hermes.cli import run_cli, with_default_config
 from hermes.train.dpo import main
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "dpo-tiny.toml"
 
 if __name__ == "__main__":
-    argv = sys.argv[1:]
-    main(argv if "--config" in argv else ["--config", str(DEFAULT_CONFIG), *argv])
+    run_cli(main, with_default_config(sys.argv[1:], DEFAULT_CONFIG))

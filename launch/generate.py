@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from hermes.cli import run_cli
+from hermes.data.chat_files import check_vocabulary
 from hermes.data.conversation import Message
 from hermes.generate import ChatSession, Reply, Sampling, load_chat_format, load_model, reply_batch
 
@@ -101,6 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     tools = read_tools(args.tools)
     model = load_model(args.model, args.adapter, device=args.device)
     chat = load_chat_format(args.model)
+    check_vocabulary(chat.tokenizer, model.config.vocab_size, str(args.model))
     sampling = Sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed)
     system = [Message("system", args.system)] if args.system else []
     if args.prompt:
@@ -113,7 +116,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (FileNotFoundError, ValueError) as err:
-        sys.exit(f"error: {err}")
+    run_cli(main, sys.argv[1:])

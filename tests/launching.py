@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from hermes.parallel.processes import run_on_processes
 
 REPO = Path(__file__).resolve().parent.parent
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
@@ -39,6 +39,7 @@ def debug_overrides(run_dir: Path, data: Path, cache: Path, steps: int) -> list[
         "--train.micro_batch", "1",
         "--train.max_steps", str(steps),
         "--train.checkpoint_every", "2",
+        "--train.keep_checkpoints", "0",
         "--train.export_hf", "false",
         "--optim.warmup_steps", "2",
         "--optim.lr", "3e-3",
@@ -69,15 +70,18 @@ def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@contextmanager
+def one_process_group(store: Path) -> Iterator[None]:
+    """A one-process gloo group in this process (what the checkpointer needs), on a file store."""
+    dist.init_process_group("gloo", store=dist.FileStore(str(store), 1), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
 
 
-def _gloo_process(rank: int, worker: Callable, world: int, port: int, args: tuple) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    torch.set_num_threads(1)
+def _gloo_worker(worker: Callable, *args) -> None:
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     dist.init_process_group("gloo")
     try:
         worker(rank, world, *args)
@@ -88,6 +92,4 @@ def _gloo_process(rank: int, worker: Callable, world: int, port: int, args: tupl
 def start_gloo_processes(worker: Callable, world: int, *args) -> None:
     """Run `worker(rank, world, *args)` in `world` fresh processes joined in a gloo process group (a
     module-level function: the processes are spawned). Raises if any of them fails."""
-    mp.start_processes(
-        _gloo_process, args=(worker, world, free_port(), args), nprocs=world, start_method="spawn"
-    )
+    run_on_processes(_gloo_worker, world, worker, *args)

@@ -1,22 +1,22 @@
 """A DCP checkpoint's pickles (`.metadata`, the non-tensor entries of `.distcp`) are read under allow-lists:
 a planted pickle is refused, naming its file, and runs nothing; real checkpoints still load exactly."""
 
+import hashlib
+import json
 import pickle
 import re
 import struct
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from hermes.generate import load_model
 from hermes.model.hf import save_pretrained
 from hermes.model.lora import apply_lora
-from hermes.parallel.checkpoint import load_checkpoint, save_checkpoint
+from hermes.parallel.checkpoint import COMPLETE_MARKER, Checkpointer, CheckpointIntegrityError
 from hermes.parallel.safe_dcp import CheckpointSecurityError, SafeFileSystemReader
+from tests.launching import one_process_group
 from tests.test_generate import _model, _write_run
 
 
@@ -28,16 +28,6 @@ class _Touch:
 
     def __reduce__(self):
         return Path.touch, (self.path,)
-
-
-@contextmanager
-def _one_process(store: Path) -> Iterator[None]:
-    """A one-process gloo group, as `save_checkpoint` and `load_checkpoint` need."""
-    dist.init_process_group("gloo", store=dist.FileStore(str(store), 1), rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 def _trained(seed: int, lora: bool = False) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -58,13 +48,14 @@ def _trained(seed: int, lora: bool = False) -> tuple[torch.nn.Module, torch.opti
 
 
 def _checkpoint(tmp_path: Path, model, optimizer, trainable_only: bool = False) -> Path:
-    with _one_process(tmp_path / "save-store"):
-        return save_checkpoint(tmp_path / "checkpoints", 1, model, optimizer, {}, trainable_only)
+    with one_process_group(tmp_path / "save-store"):
+        Checkpointer(tmp_path / "checkpoints", model, optimizer, {}, trainable_only=trainable_only).save(1)
+        return tmp_path / "checkpoints" / "step-1"
 
 
 def _resume(tmp_path: Path, checkpoint: Path, model, optimizer, trainable_only: bool = False) -> None:
-    with _one_process(tmp_path / "load-store"):
-        load_checkpoint(checkpoint, model, optimizer, trainable_only)
+    with one_process_group(tmp_path / "load-store"):
+        Checkpointer(checkpoint.parent, model, optimizer, {}, trainable_only=trainable_only).resume()
 
 
 def _live(payload: bytes, marker: Path) -> bytes:
@@ -75,6 +66,15 @@ def _live(payload: bytes, marker: Path) -> bytes:
     return payload
 
 
+def _plant(checkpoint: Path, name: str, payload: bytes) -> None:
+    """Replace a checkpoint file, and its checksum in the COMPLETE marker, as whoever can write into the
+    run directory can."""
+    (checkpoint / name).write_bytes(payload)
+    complete = json.loads((checkpoint / COMPLETE_MARKER).read_text())
+    complete["sha256"][name] = hashlib.sha256(payload).hexdigest()
+    (checkpoint / COMPLETE_MARKER).write_text(json.dumps(complete))
+
+
 def _refusal(path: Path, refused: str) -> str:
     return rf"{re.escape(str(path))} was not loaded: its pickle asks for {refused}.*could run code"
 
@@ -82,10 +82,19 @@ def _refusal(path: Path, refused: str) -> str:
 def test_a_planted_metadata_pickle_is_refused_on_resume_and_runs_nothing(tmp_path):
     checkpoint = _checkpoint(tmp_path, *_trained(seed=1))
     marker = tmp_path / "ran"
-    (checkpoint / ".metadata").write_bytes(_live(pickle.dumps(_Touch(marker)), marker))
+    _plant(checkpoint, ".metadata", _live(pickle.dumps(_Touch(marker)), marker))
     with pytest.raises(
         CheckpointSecurityError, match=_refusal(checkpoint / ".metadata", r"pathlib\.\S*Path\.touch")
     ):
+        _resume(tmp_path, checkpoint, *_trained(seed=2))
+    assert not marker.exists()
+
+
+def test_a_planted_file_that_does_not_match_its_checksum_is_never_read(tmp_path):
+    checkpoint = _checkpoint(tmp_path, *_trained(seed=1))
+    marker = tmp_path / "ran"
+    (checkpoint / ".metadata").write_bytes(_live(pickle.dumps(_Touch(marker)), marker))
+    with pytest.raises(CheckpointIntegrityError, match=r"every checkpoint in .* is damaged \(step-1\)"):
         _resume(tmp_path, checkpoint, *_trained(seed=2))
     assert not marker.exists()
 

@@ -6,6 +6,7 @@ import random
 import pytest
 import torch
 
+from hermes.config import DpoConfig
 from hermes.data.dataset import TokenizedDataset
 from hermes.data.loader import PackedLoader
 from hermes.data.packing import PackedBatch
@@ -13,6 +14,7 @@ from hermes.data.sample import IGNORE_INDEX, Sample
 from hermes.model import Llama, LlamaConfig
 from hermes.model.lora import adapter_disabled, apply_lora
 from hermes.train.dpo import dpo_step, sequence_logprobs
+from hermes.train.trainer import micro_batches
 
 CONFIG = LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, hidden_dim=64)
 
@@ -42,9 +44,15 @@ def _batch(samples, global_batch=2):
     return loader.next_batch()
 
 
+def _step(model, batch, neftune_alpha):
+    """One DPO step body on the CPU with beta 0.1 and no label smoothing."""
+    config = DpoConfig(beta=0.1, label_smoothing=0.0, neftune_alpha=neftune_alpha)
+    return dpo_step(model, batch, micro_batches(model, batch, torch.device("cpu")), config)
+
+
 def test_first_step_with_a_zero_adapter_has_loss_ln2_and_zero_rewards():
     model = _policy(dropout=0.05)
-    sums = dpo_step(model, _batch(_pairs()), dp_size=1, beta=0.1, label_smoothing=0.0, neftune_alpha=0.0)
+    sums = _step(model, _batch(_pairs()), neftune_alpha=0.0)
     assert sums["loss"].item() == pytest.approx(math.log(2), abs=1e-6)
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
         assert sums[key].item() == pytest.approx(0.0, abs=1e-6)
@@ -56,7 +64,7 @@ def test_training_changes_only_the_adapter():
     adapters = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     optimizer = torch.optim.RMSprop([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for _ in range(3):
-        dpo_step(model, _batch(_pairs()), dp_size=1, beta=0.1, label_smoothing=0.0, neftune_alpha=5.0)
+        _step(model, _batch(_pairs()), neftune_alpha=5.0)
         optimizer.step()
         optimizer.zero_grad()
     for name, before in frozen.items():
@@ -103,9 +111,7 @@ def test_a_reward_signal_trains_margins_up():
     margins, accuracies = [], []
     samples = _pairs(8)
     for _ in range(15):
-        sums = dpo_step(
-            model, _batch(samples, global_batch=4), 1, beta=0.1, label_smoothing=0.0, neftune_alpha=0.0
-        )
+        sums = _step(model, _batch(samples, global_batch=4), neftune_alpha=0.0)
         optimizer.step()
         optimizer.zero_grad()
         margins.append(sums["rewards/margins"].item())
@@ -131,7 +137,7 @@ def test_on_the_bundled_pairs_rewards_margins_and_accuracies_rise():
     for _ in range(6):
         epochs.append([])
         for _ in range(loader.steps_per_epoch):
-            sums = dpo_step(model, loader.next_batch(), 1, beta=0.1, label_smoothing=0.0, neftune_alpha=0.0)
+            sums = _step(model, loader.next_batch(), neftune_alpha=0.0)
             optimizer.step()
             optimizer.zero_grad()
             epochs[-1].append({k: v.item() for k, v in sums.items()})

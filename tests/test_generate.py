@@ -25,7 +25,7 @@ from hermes.model import Llama, LlamaConfig
 from hermes.model.attention import cache_attention_mask
 from hermes.model.hf import save_pretrained
 from hermes.model.lora import apply_lora, save_adapter
-from hermes.parallel.checkpoint import save_checkpoint
+from hermes.parallel.checkpoint import Checkpointer
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL = LlamaConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, hidden_dim=128)
@@ -284,7 +284,7 @@ def _write_run(run_dir: Path, base_dir: Path, model: torch.nn.Module, trainable_
     torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
     try:
         optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-        save_checkpoint(run_dir / "checkpoints", 3, model, optimizer, {}, trainable_only)
+        Checkpointer(run_dir / "checkpoints", model, optimizer, {}, trainable_only=trainable_only).save(3)
     finally:
         torch.distributed.destroy_process_group()
 

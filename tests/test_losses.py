@@ -15,6 +15,7 @@ from hermes.data.sample import IGNORE_INDEX, Sample
 from hermes.model import Llama, LlamaConfig
 from hermes.train.losses import dpo_loss, segment_sums, sft_loss
 from hermes.train.sft import sft_step
+from hermes.train.trainer import micro_batches
 from tests.launching import start_gloo_processes
 
 CONFIG = LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, hidden_dim=64)
@@ -58,7 +59,8 @@ def _worker(rank, world, out):
     dataset = TokenizedDataset.from_samples(_samples())
     loader = PackedLoader(dataset, SEQ, ROWS, ROWS // world, rank, world, seed=0, pad_id=0)
     model = apply_fsdp(_model(), init_device_mesh("cpu", (world,)))
-    sums = sft_step(model, loader.next_batch(), dp_size=world)
+    batch = loader.next_batch()
+    sums = sft_step(model, batch, micro_batches(model, batch, torch.device("cpu")))
     loss = sums["loss"].clone()
     dist.all_reduce(loss)
     grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}

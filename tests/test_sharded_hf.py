@@ -133,6 +133,8 @@ import torch
 
 from hermes.config import load_config
 from hermes.parallel.sharded_hf import save_sharded
+from hermes.parallel.build import build_model
+from hermes.parallel.export import export_model
 from hermes.train import build
 
 checkpoint, out = sys.argv[1], Path(sys.argv[2])
@@ -149,24 +151,24 @@ def whole(net):
 
 loaded = config("--model.checkpoint", checkpoint, "--run.dir", str(out / "run"), "--train.export_hf", "true")
 env = build.environment(loaded)
-net = build.model(loaded, env)
+net = build_model(loaded, env.meshes, env.device)
 tokens = torch.load(out / "tokens.pt")
 with torch.no_grad():
     logits = net(tokens).full_tensor()
-build.export(loaded, env, net)
+export_model(loaded, env.chat, net)
 
-fresh = build.model(config(), env)
+fresh = build_model(config(), env.meshes, env.device)
 save_sharded(fresh, out / "fresh")
 
 adapted = config("--model.checkpoint", checkpoint, "--lora.rank", "4")
-adapted_net = build.model(adapted, env, lora=adapted.lora)
+adapted_net = build_model(adapted, env.meshes, env.device, lora=adapted.lora)
 lora_state = whole(adapted_net)
 trainable = sorted(name for name, p in adapted_net.named_parameters() if p.requires_grad)
 if env.rank == 0:
     torch.save(logits, out / "logits.pt")
     torch.save(lora_state, out / "lora_state.pt")
     (out / "trainable.txt").write_text("\\n".join(trainable))
-build.finish()
+build.finish(env)
 """
 
 

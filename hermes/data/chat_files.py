@@ -96,6 +96,21 @@ def read_chat_format(
     return TemplateChatFormat(tokenizer, template, template_source=source, special_token_text=text)
 
 
+def check_vocabulary(tokenizer: Tokenizer, model_vocab: int, model_source: str) -> None:
+    """The model must have an embedding row for every id the tokenizer can produce.
+
+    Raises:
+        ValueError: naming both sizes and both files.
+    """
+    if tokenizer.vocab_size > model_vocab:
+        raise ValueError(
+            f"the tokenizer from {tokenizer.source} has {tokenizer.vocab_size} ids but the model from "
+            f"{model_source} has a vocabulary of {model_vocab}: they do not belong together. Give the "
+            "checkpoint's own tokenizer (tokenizer.path, or tokenizer.json / tokenizer.model in the "
+            "checkpoint directory)"
+        )
+
+
 def save_chat_format(
     chat: AnyChatFormat, directory: str | Path, *, base_tokenizer_config: str | Path | None = None
 ) -> list[Path]:

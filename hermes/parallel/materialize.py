@@ -11,9 +11,10 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import distribute_tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from hermes.model.hf import is_dtensor
 from hermes.model.lora import lora_layers, lora_state_dict, unwrap_lora
 
 # A LoRA-adapted projection keeps the plain model's Linear as its child `base` (hermes.model.lora).
@@ -37,14 +38,14 @@ def base_weights(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def _local_part(target: torch.Tensor, whole: torch.Tensor) -> torch.Tensor:
     """The part of `whole` that `target` holds on this rank: its shard for a DTensor, else all of it."""
-    if isinstance(target, DTensor):
+    if is_dtensor(target):
         # src_data_rank=None: every rank cuts its own part of its own copy, no communication.
         return distribute_tensor(whole, target.device_mesh, target.placements, src_data_rank=None).to_local()
     return whole
 
 
 def _copy_part(target: torch.Tensor, whole: torch.Tensor) -> None:
-    local = target.to_local() if isinstance(target, DTensor) else target
+    local = target.to_local() if is_dtensor(target) else target
     local.copy_(_local_part(target, whole.to(local.device)))
 
 
@@ -71,7 +72,7 @@ def merge_lora_into_shards(model: nn.Module) -> nn.Module:
     """
     for _, layer in lora_layers(model):
         weight = layer.base.weight
-        local = weight.to_local() if isinstance(weight, DTensor) else weight
+        local = weight.to_local() if is_dtensor(weight) else weight
         delta = layer.delta_weight().to(local.device)
         local.copy_(local.float() + _local_part(weight, delta))
     return unwrap_lora(model)
@@ -86,7 +87,7 @@ class _WholeTensorDraws(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in self._FILLS and isinstance(args[0], DTensor):
+        if func in self._FILLS and is_dtensor(args[0]):
             target = args[0]
             whole = torch.empty(target.shape, dtype=target.dtype)
             func(whole, *args[1:], **kwargs)

@@ -1,14 +1,24 @@
-"""Process groups and the device mesh: dp_replicate x dp_shard x tp."""
+"""Process groups and the device mesh: dp_replicate x dp_shard x tp, and the meshes named on it.
+
+`Meshes` names each mesh by what it is for, as torchtitan's ParallelDims does:
+- `batch`: the data-parallel ranks (dp_replicate x dp_shard); each holds its own share of the global batch.
+- `loss`: the ranks over which a step's per-rank metric sums are reduced into global values: the batch
+  ranks (the tp ranks of one data-parallel rank hold the same sums, so reducing over them would count
+  each sum tp times).
+- `fsdp`: what FSDP shards over (2-D HSDP when there are replicas).
+- `tp`: the tensor-parallel ranks.
+"""
 
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from hermes.parallel.processes import free_port
 
 MESH_DIMS = ("dp_replicate", "dp_shard", "tp")
 
@@ -57,32 +67,43 @@ def init_distributed() -> int:
     a world of one. Returns this process's rank."""
     if not dist.is_initialized():
         if "RANK" not in os.environ:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
             os.environ.update(
-                RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+                RANK="0",
+                LOCAL_RANK="0",
+                WORLD_SIZE="1",
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=str(free_port()),
             )
         if device_type() == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group("nccl" if device_type() == "cuda" else "gloo")
+        # NCCL for the GPUs, and gloo beside it for CPU tensors (asynchronous checkpoints stage on the CPU).
+        dist.init_process_group("cuda:nccl,cpu:gloo" if device_type() == "cuda" else "gloo")
     return dist.get_rank()
 
 
-def build_mesh(dims: ParallelDims) -> DeviceMesh:
-    """A 3-D mesh named MESH_DIMS (size-1 dimensions included, so code can always name them)."""
-    return init_device_mesh(
+@dataclass(frozen=True)
+class Meshes:
+    """The device mesh and the meshes named on it (module docstring)."""
+
+    world: DeviceMesh
+    batch: DeviceMesh
+    loss: DeviceMesh
+    fsdp: DeviceMesh
+    tp: DeviceMesh
+
+    @property
+    def dp_rank(self) -> int:
+        """This process's index among the data-parallel ranks (replica-major)."""
+        return self.batch.get_local_rank()
+
+
+def build_mesh(dims: ParallelDims) -> Meshes:
+    """The 3-D mesh named MESH_DIMS (size-1 dimensions included, so code can always name them) and the
+    meshes of the module docstring, flattened from it once."""
+    world = init_device_mesh(
         device_type(), (dims.dp_replicate, dims.dp_shard, dims.tp), mesh_dim_names=MESH_DIMS
     )
-
-
-def dp_rank(mesh: DeviceMesh) -> int:
-    """This process's index among the data-parallel ranks (replica-major)."""
-    return mesh["dp_replicate"].get_local_rank() * mesh["dp_shard"].size() + mesh["dp_shard"].get_local_rank()
-
-
-def fsdp_mesh(mesh: DeviceMesh) -> DeviceMesh:
-    """The mesh FSDP shards over: 2-D (HSDP: replicate x shard) when there are replicas, else 1-D."""
-    if mesh["dp_replicate"].size() > 1:
-        return mesh["dp_replicate", "dp_shard"]
-    return mesh["dp_shard"]
+    data_parallel = world["dp_replicate", "dp_shard"]
+    batch = data_parallel._flatten("batch")
+    fsdp = data_parallel if dims.dp_replicate > 1 else world["dp_shard"]
+    return Meshes(world=world, batch=batch, loss=batch, fsdp=fsdp, tp=world["tp"])

@@ -25,10 +25,7 @@ Optimizer states are resident memory outside the window; the planner's counterpa
 from __future__ import annotations
 
 import functools
-import json
 import os
-import socket
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -129,7 +126,7 @@ def _measure_one(spec: StepSpec, world: int, rank: int, rss: bool) -> StepMemory
     from hermes.model.lora import apply_lora
     from hermes.parallel.activation_checkpointing import apply_activation_checkpointing
     from hermes.parallel.fsdp import apply_fsdp
-    from hermes.parallel.mesh import ParallelDims, build_mesh, fsdp_mesh
+    from hermes.parallel.mesh import ParallelDims, build_mesh
 
     # Values do not change memory: build on meta, shard, then fill the shards with cheap random numbers.
     with torch.device("meta"):
@@ -137,9 +134,7 @@ def _measure_one(spec: StepSpec, world: int, rank: int, rss: bool) -> StepMemory
     if spec.lora_rank:
         apply_lora(model, rank=spec.lora_rank, dropout=spec.lora_dropout)
     apply_activation_checkpointing(model, spec.activation_checkpointing)
-    apply_fsdp(
-        model, fsdp_mesh(build_mesh(ParallelDims(1, -1, 1, world))), spec.param_dtype, spec.reduce_dtype
-    )
+    apply_fsdp(model, build_mesh(ParallelDims(1, -1, 1, world)).fsdp, spec.param_dtype, spec.reduce_dtype)
     model.to_empty(device="cpu")
     torch.manual_seed(rank)
     with torch.no_grad():
@@ -162,29 +157,16 @@ def _measure_one(spec: StepSpec, world: int, rank: int, rss: bool) -> StepMemory
     return StepMemory(rank, measured, rss_peak(step) if rss else None)
 
 
-def _worker(rank: int, world: int, port: int, specs: list[StepSpec], rss: bool, out: str) -> None:
-    os.environ.update(
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+def _measure_rank(specs: list[StepSpec], rss: bool) -> list[dict]:
+    """One process of `measure`: every spec in turn, on this rank of the world `run_on_processes` set up."""
     import torch.distributed as dist
 
     from hermes.parallel.mesh import init_distributed
 
-    init_distributed()
-    results = [asdict(_measure_one(spec, world, rank, rss)) for spec in specs]
-    Path(out, f"{rank}.json").write_text(json.dumps(results))
+    rank = init_distributed()
+    results = [asdict(_measure_one(spec, dist.get_world_size(), rank, rss)) for spec in specs]
     dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return results
 
 
 def measure(specs: list[StepSpec], ranks: int = 1, rss: bool = True) -> list[list[StepMemory]]:
@@ -201,11 +183,8 @@ def measure(specs: list[StepSpec], ranks: int = 1, rss: bool = True) -> list[lis
     Returns:
         For each spec, one StepMemory per rank, by rank.
     """
-    import torch.multiprocessing as mp
+    from hermes.parallel.processes import run_on_processes
 
-    with tempfile.TemporaryDirectory() as out:
-        mp.start_processes(
-            _worker, args=(ranks, _free_port(), specs, rss, out), nprocs=ranks, start_method="spawn"
-        )
-        per_rank = [json.loads(Path(out, f"{r}.json").read_text()) for r in range(ranks)]
+    threads = max(1, (os.cpu_count() or 1) // ranks)
+    per_rank = run_on_processes(_measure_rank, ranks, specs, rss, threads=threads)
     return [[StepMemory(**per_rank[r][i]) for r in range(ranks)] for i in range(len(specs))]

@@ -1,26 +1,27 @@
-"""Direct preference optimisation through a LoRA adapter: the reference model is the same weights with the
-adapter switched off (no second copy), and NEFTune noise goes into the policy's training forward passes only.
+"""Direct preference optimisation through a LoRA adapter, in reading order: configuration -> data ->
+model -> trainer -> step -> export. The reference model is the same weights with the adapter switched off
+(no second copy), and NEFTune noise goes into the policy's training forward passes only.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 import torch
 from torch import nn
-from torch.distributed.tensor.parallel import loss_parallel
 
-from hermes.config import Config, parse_args
+from hermes.config import ConfigError, DPOConfig, DpoConfig, parse_args
 from hermes.data.loader import StepBatch
 from hermes.data.packing import PackedBatch
 from hermes.model.lora import adapter_disabled
-from hermes.parallel.fsdp import sync_gradients_after
+from hermes.parallel.build import build_model
+from hermes.parallel.export import export_adapter
 from hermes.train import build
-from hermes.train.loop import TrainState, run
 from hermes.train.losses import dpo_loss, segment_sums
 from hermes.train.neftune import neftune
+from hermes.train.trainer import Trainer
 
 DPO_METRICS = (
     "loss",
@@ -45,13 +46,7 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
 
 def sequence_logprobs(model: nn.Module, micro: PackedBatch) -> torch.Tensor:
     """Summed response log-probability of every packed sample, in order (prompt tokens carry no label)."""
-    logprobs = model(
-        micro.tokens,
-        position_ids=micro.position_ids,
-        cu_seqlens=micro.cu_seqlens,
-        max_seqlen=micro.max_seqlen,
-        labels=micro.labels,
-    )
+    logprobs = model(micro.tokens, micro.packing, labels=micro.labels)
     segments = torch.tensor(micro.sample_segments, dtype=torch.long, device=logprobs.device)
     return segment_sums(logprobs, micro.cu_seqlens).index_select(0, segments)
 
@@ -59,62 +54,50 @@ def sequence_logprobs(model: nn.Module, micro: PackedBatch) -> torch.Tensor:
 def dpo_step(
     model: nn.Module,
     batch: StepBatch,
-    dp_size: int,
-    beta: float,
-    label_smoothing: float,
-    neftune_alpha: float,
+    micro_batches: Iterable[PackedBatch],
+    config: DpoConfig,
     sequence_shard: tuple[int, int] = (0, 1),
 ) -> dict[str, torch.Tensor]:
-    """Forward + backward of this rank's pairs; returns per-pair metric sums divided by the global pair count
-    (so the sum over ranks is the global mean). Samples come in (chosen, rejected) order.
+    """Forward and backward of this rank's pairs (samples come in (chosen, rejected) order); returns
+    per-pair metric sums divided by the global pair count, so the sum over ranks is the global mean.
     `sequence_shard` is (tensor-parallel rank, degree) under sequence parallelism (for NEFTune)."""
-    device = next(model.parameters()).device
     global_pairs = len(batch.global_sample_lengths) // 2
-    totals = {key: torch.zeros((), device=device) for key in DPO_METRICS}
-    last = len(batch.micro_batches) - 1
-    for i, micro in enumerate(batch.micro_batches):
-        sync_gradients_after(model, last_micro_batch=i == last)
-        micro = micro.to(device)
-        with loss_parallel():  # a vocabulary-sharded output head's softmax, forward and backward
-            with torch.no_grad(), adapter_disabled(model), _eval_mode(model):
-                reference = sequence_logprobs(model, micro)
-            with neftune(model, neftune_alpha, micro.cu_seqlens, sequence_shard):
-                policy = sequence_logprobs(model, micro)
-            pairs = policy.numel() // 2
-            if pairs == 0:  # an all-padding micro-batch: a zero loss still runs the backward collectives
-                (policy.sum() * 0.0).backward()
-                continue
-            chosen, rejected = policy[0::2], policy[1::2]
-            loss, metrics = dpo_loss(
-                chosen, rejected, reference[0::2], reference[1::2], beta, label_smoothing
-            )
-            share = pairs / global_pairs
-            (loss * share * dp_size).backward()
+    totals = dict.fromkeys(DPO_METRICS, torch.zeros(()))
+    for micro in micro_batches:
+        with torch.no_grad(), adapter_disabled(model), _eval_mode(model):
+            reference = sequence_logprobs(model, micro)  # the same weights with the adapter off
+        with neftune(model, config.neftune_alpha, micro.cu_seqlens, sequence_shard):
+            policy = sequence_logprobs(model, micro)
+        pairs = policy.numel() // 2
+        if pairs == 0:  # an all-padding micro-batch: a zero loss still runs the backward collectives
+            (policy.sum() * 0.0).backward()
+            continue
+        loss, metrics = dpo_loss(
+            policy[0::2], policy[1::2], reference[0::2], reference[1::2], config.beta, config.label_smoothing
+        )
+        share = pairs / global_pairs
+        (loss * share).backward()
         for key, value in {"loss": loss.detach(), **metrics}.items():
-            totals[key] += value * share
+            totals[key] = totals[key].to(value.device) + value * share
     return totals
 
 
-def main(argv: list[str] | None = None) -> Config:
+def main(argv: list[str] | None = None) -> DPOConfig:
     """Run DPO as configured by `argv` (`[--config FILE] [--section.key value ...]`)."""
-    config = parse_args(sys.argv[1:] if argv is None else argv)
+    config = parse_args(sys.argv[1:] if argv is None else argv, DPOConfig)
+    if not config.lora.rank:
+        raise ConfigError(
+            "DPO trains a LoRA adapter (the reference is the model with it off): set lora.rank > 0"
+        )
     env = build.environment(config)
     dataset = build.preference_dataset(config, env)
     loader = build.loader(config, env, dataset, group_size=2)
-    model = build.model(config, env, lora=config.lora)
-    optimizer, scheduler, total_steps = build.optimization(config, model, loader)
-    build.write_resolved_config(config)
-    state = TrainState(model, optimizer, scheduler, loader, total_steps, trainable_only_checkpoints=True)
-    d = config.dpo
-    sequence_shard = (env.mesh["tp"].get_local_rank(), env.dims.tp)
-    run(
-        config,
-        state,
-        lambda m, b: dpo_step(
-            m, b, env.dims.dp_size, d.beta, d.label_smoothing, d.neftune_alpha, sequence_shard
-        ),
-        tp=env.dims.tp,
-    )
-    build.export_adapter(config, env, model)
-    build.finish()
+    model = build_model(config, env.meshes, env.device, lora=config.lora)
+    trainer = Trainer(config, env, model, loader, trainable_only_checkpoints=True)
+    sequence_shard = (env.meshes.tp.get_local_rank(), env.dims.tp)
+    for batch in trainer.batches():
+        trainer.step(batch, dpo_step(model, batch, trainer.micro_batches(batch), config.dpo, sequence_shard))
+    if trainer.finish():
+        export_adapter(config, env.chat, model)
+    build.finish(env)
     return config

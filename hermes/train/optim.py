@@ -13,6 +13,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from hermes.config import OptimConfig
+from hermes.model.hf import whole_tensor
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -84,10 +85,26 @@ def clip_gradients(model: nn.Module, max_norm: float) -> float:
     squares = 0.0
     for grads in groups.values():
         norm = torch.nn.utils.get_total_norm(grads, foreach=True)
-        squares += float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm) ** 2
+        squares += float(whole_tensor(norm)) ** 2
     total = math.sqrt(squares)
     if max_norm > 0 and total > max_norm:
         scale = max_norm / (total + 1e-6)
         for grads in groups.values():
             torch._foreach_mul_(grads, scale)
     return total
+
+
+def apply_hyperparameters(optimizer: torch.optim.Optimizer, scheduler: LambdaLR, config: OptimConfig) -> None:
+    """Put `config`'s learning rate, betas, eps and weight decay into an optimizer and schedule whose state
+    a checkpoint restored with other values (a resume told to apply changed optim.* values). The schedule
+    keeps its position; the new peak applies from the current step on."""
+    decayed = config.weight_decay if config.name == "adamw" else 0.0
+    for index, (group, factor) in enumerate(zip(optimizer.param_groups, scheduler.lr_lambdas)):
+        group["initial_lr"] = config.lr
+        group["lr"] = config.lr * factor(scheduler.last_epoch)
+        group["eps"] = config.eps
+        group["weight_decay"] = decayed if index == 0 else 0.0
+        if "betas" in group:
+            group["betas"] = tuple(config.betas)
+    scheduler.base_lrs = [config.lr] * len(optimizer.param_groups)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]

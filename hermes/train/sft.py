@@ -1,46 +1,39 @@
-"""Supervised fine-tuning: the step (cross-entropy over assistant tokens, normalised over the global batch)
-and `main`, which wires configuration, data, model, parallelism and the shared loop together."""
+"""Supervised fine-tuning, in reading order: configuration -> data -> model -> trainer -> step -> export.
+
+The step: every labelled token's negative log-likelihood (assistant content and tool calls), summed on
+this rank and divided by the labelled-token count of the whole global batch (all ranks, all micro-batches),
+so the summed gradients over ranks are those of the global mean token loss. With `lora.rank > 0` only a
+LoRA adapter trains (LoRA SFT) and the adapter is exported beside the merged model.
+"""
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterable
 
 import torch
 from torch import nn
-from torch.distributed.tensor.parallel import loss_parallel
 
 from hermes.config import Config, parse_args
 from hermes.data.loader import StepBatch
-from hermes.parallel.fsdp import sync_gradients_after
+from hermes.data.packing import PackedBatch
+from hermes.parallel.build import build_model
+from hermes.parallel.export import export_adapter, export_model
 from hermes.train import build
-from hermes.train.loop import TrainState, run
 from hermes.train.losses import sft_loss
+from hermes.train.trainer import Trainer
 
 
-def sft_step(model: nn.Module, batch: StepBatch, dp_size: int) -> dict[str, torch.Tensor]:
-    """Forward + backward over this rank's micro-batches.
-
-    Each micro-batch's loss is its summed negative log-likelihood over the global batch's labelled-token
-    count; summed over micro-batches and ranks that is the step's mean token loss. FSDP averages gradients
-    over the data-parallel ranks, so the backward pass scales by dp_size to get the gradient of that sum.
-    """
-    device = next(model.parameters()).device
-    total = torch.zeros((), device=device)
-    last = len(batch.micro_batches) - 1
-    for i, micro in enumerate(batch.micro_batches):
-        sync_gradients_after(model, last_micro_batch=i == last)
-        micro = micro.to(device)
-        with loss_parallel():  # a vocabulary-sharded output head's softmax, forward and backward
-            logprobs = model(
-                micro.tokens,
-                position_ids=micro.position_ids,
-                cu_seqlens=micro.cu_seqlens,
-                max_seqlen=micro.max_seqlen,
-                labels=micro.labels,
-            )
-            loss = sft_loss(logprobs, batch.global_labelled_tokens)
-            (loss * dp_size).backward()
-        total += loss.detach()
+def sft_step(
+    model: nn.Module, batch: StepBatch, micro_batches: Iterable[PackedBatch]
+) -> dict[str, torch.Tensor]:
+    """Forward and backward over this rank's micro-batches of `batch`; returns this rank's loss sum."""
+    total = torch.zeros(())
+    for micro in micro_batches:
+        logprobs = model(micro.tokens, micro.packing, labels=micro.labels)
+        loss = sft_loss(logprobs, batch.global_labelled_tokens)  # this rank's sum / the global count
+        loss.backward()
+        total = total.to(loss.device) + loss.detach()
     return {"loss": total}
 
 
@@ -50,18 +43,15 @@ def main(argv: list[str] | None = None) -> Config:
     env = build.environment(config)
     dataset = build.sft_dataset(config, env)
     loader = build.loader(config, env, dataset)
-    model = build.model(config, env)
-    optimizer, scheduler, total_steps = build.optimization(config, model, loader)
-    build.write_resolved_config(config)
-    state = TrainState(model, optimizer, scheduler, loader, total_steps)
-    dp_size = env.dims.dp_size
-    run(
-        config,
-        state,
-        lambda m, batch: sft_step(m, batch, dp_size),
-        flops_fn=build.flops_counter(model.config),
-        tp=env.dims.tp,
-    )
-    build.export(config, env, model)
-    build.finish()
+    lora = config.lora if config.lora.rank else None
+    model = build_model(config, env.meshes, env.device, lora=lora)
+    trainer = Trainer(config, env, model, loader, trainable_only_checkpoints=lora is not None)
+    for batch in trainer.batches():
+        trainer.step(batch, sft_step(model, batch, trainer.micro_batches(batch)))
+    if trainer.finish():
+        if lora is not None:
+            export_adapter(config, env.chat, model)
+        else:
+            export_model(config, env.chat, model)
+    build.finish(env)
     return config
