@@ -29,7 +29,8 @@ tokenizer merges it with the header's newline into one token, which is then not 
 
 Tokens: every piece of text between two special tokens is encoded whole, as a Hugging Face tokenizer
 encodes the template's text, so the ids equal `apply_chat_template`'s on the exported directory. Inside
-content, the Hermes tags (`<tool_call>`, `<tools>`, `<SCRATCHPAD>`, ...) become their special ids.
+content, the Hermes tags (`<tool_call>`, `<tools>`, `<SCRATCHPAD>`, ...) become their special ids (those
+that have one: see below; the others are plain text).
 
 Where hermes departs from the official templates (each only where the official one would lose content or
 fail; the exported template departs in the same way):
@@ -59,6 +60,9 @@ ids (128000-128010) are left alone. `hermes_special_tokens` resolves the map for
 3. then names the tokenizer already has (a Hermes tokenizer.json lists them in added_tokens);
 4. every other tag takes its default id if that id is still a free reserved one; the tags left over
    then take, in order, the lowest free reserved id above their default.
+A tokenizer without reserved ids (another vocabulary than Llama 3's) keeps steps 1-3; every tag they leave
+without an id is ordinary text there (several tokens, trained like any other text), except `<|im_start|>`
+and `<|im_end|>`, which ChatML needs as single tokens: without them it is an error that names the fixes.
 """
 
 from __future__ import annotations
@@ -123,10 +127,12 @@ def hermes_special_tokens(
         overrides: tag -> id, winning over everything; may name tags beyond the default set.
 
     Returns:
-        tag -> id for every default tag and every override.
+        tag -> id for every default tag and every override; on a tokenizer without reserved ids, only for
+        the tags it (or the config, or an override) has.
 
     Raises:
-        ValueError: two tags resolve to one id, or no free reserved id is left for a tag.
+        ValueError: two tags resolve to one id, no free reserved id is left for a tag, or a tokenizer
+            without reserved ids lacks `<|im_start|>` or `<|im_end|>`.
     """
     overrides = dict(overrides or {})
     from_config = read_added_tokens_decoder(tokenizer_config) if tokenizer_config else {}
@@ -145,6 +151,17 @@ def hermes_special_tokens(
                 "special_tokens={...} with distinct ids"
             )
         owners[token_id] = name
+    if not any(RESERVED_NAME.fullmatch(name) for name in known):
+        for name in (IM_START, IM_END):
+            if name not in resolved:
+                raise ValueError(
+                    f"the tokenizer from {tokenizer.source} has no special token {name!r} and no reserved "
+                    "special ids to put it on, and the Hermes (ChatML) format needs <|im_start|> and "
+                    "<|im_end|> as single tokens. Use a tokenizer whose vocabulary has them (tokenizer.path), "
+                    "map them onto special ids it has (special_tokens={...}), or train in the checkpoint's own "
+                    'format: data.chat_template = "checkpoint"'
+                )
+        return resolved
     names_by_id = {token_id: name for name, token_id in known.items()}
     free = sorted(
         token_id
@@ -171,7 +188,8 @@ class ChatFormat:
     """Renders conversations to token ids and loss labels in the Hermes 3 format (module docstring).
 
     Args:
-        tokenizer: the base tokenizer; the Hermes tags are made special tokens on top of it.
+        tokenizer: the base tokenizer; the Hermes tags are made special tokens on top of it (those
+            `hermes_special_tokens` gives an id; the others stay plain text).
         special_tokens: tag -> id overrides (see `hermes_special_tokens`).
         tokenizer_config: a checkpoint's tokenizer_config.json to read tag ids from.
         default_system_prompt: the system turn given to a conversation that has no system turn first and
@@ -322,10 +340,12 @@ class ChatFormat:
         message ends without `<|im_end|>`.
 
         Every piece of text between two special tokens is encoded whole, as a Hugging Face tokenizer
-        encodes the template's text, so the ids equal `apply_chat_template`'s. The one place where trained
-        and untrained text meet inside such a piece is after an assistant header: `assistant` is encoded
-        alone (the pre-tokenizer always splits between letters and a newline), then `\\n` + content, whose
-        first token (the newline, or a run of newlines the content starts with) is not trained.
+        encodes the template's text, so the ids equal `apply_chat_template`'s (consecutive tool results
+        too: SentencePiece-style tokenizers mark the start of every piece they are given). The one place
+        where trained and untrained text meet inside such a piece is after an assistant header:
+        `assistant\\n` + content is encoded whole and cut after the header's own tokens; where a token
+        straddles the two (a newline the content starts with, merged with the header's), it is not
+        trained.
         """
         tokens: list[int] = [self.tokenizer.bos_id] if bos else []
         trained: list[tuple[int, int]] = []
@@ -343,11 +363,14 @@ class ChatFormat:
             role, content = message.role, message.content
             if role == "assistant":
                 tokens.append(im_start)
-                tokens += self._encode_repeated("assistant")
-                body = self._encode(f"\n{content}")
-                tokens.append(body[0])
+                turn = self._encode(f"assistant\n{content}")
+                header = self._encode_repeated("assistant\n")
+                cut = len(header)
+                if tuple(turn[:cut]) != header:
+                    cut = next(i for i, (a, b) in enumerate(zip(turn, header)) if a != b) + 1
+                tokens += turn[:cut]
                 start = len(tokens)
-                tokens += body[1:]
+                tokens += turn[cut:]
                 if open_last and index == last:
                     break
                 tokens.append(im_end)
@@ -360,10 +383,12 @@ class ChatFormat:
                 opens_turn = index > 0 and messages[index - 1].role != "tool"
                 if opens_turn:
                     tokens.append(im_start)
-                header = "tool\n" if opens_turn else ""
+                if index == 0 or opens_turn:
+                    results = "tool\n" if opens_turn else ""
                 end = "" if index == last else "\n"
-                tokens += self._encode(f"{header}<tool_response>\n{content}\n</tool_response>{end}")
+                results += f"<tool_response>\n{content}\n</tool_response>{end}"
                 if index == last or messages[index + 1].role != "tool":
+                    tokens += self._encode(results)
                     tokens.append(im_end)
             elif role in ("system", "user"):
                 body = self._encode_repeated(f"system\n{content}") if role == "system" else None

@@ -2,8 +2,8 @@
 
 An exported directory (SFT `hf/`, the DPO merged `hf/`, a PEFT adapter directory) gets:
 - `tokenizer.json`: the tokenizer the run trained with, Hermes tags included as special tokens (for the
-  tiktoken backend, converted by hermes.data.hf_tokenizer; for SentencePiece, its tokenizer.model is
-  copied instead);
+  tiktoken backend, converted by hermes.data.hf_tokenizer; for the `tokenizers` backend, its own, with
+  the special tokens hermes added; for SentencePiece, its tokenizer.model is copied instead);
 - `tokenizer_config.json`: `chat_template` (the template that renders exactly what was trained), the
   special tokens (`added_tokens_decoder`), `bos_token`, `eos_token` = the end of an assistant turn
   (`<|im_end|>` in the Hermes format), `pad_token`;
@@ -18,9 +18,12 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from tokenizers import AddedToken
+
 from hermes.data.chat import ChatFormat
 from hermes.data.chat_template import DEFAULT_SYSTEM_PROMPT, hermes_template_system_prompt
 from hermes.data.hf_tokenizer import save_tokenizer_json
+from hermes.data.hf_tokenizers_backend import TokenizersTokenizer
 from hermes.data.template_chat import TemplateChatFormat
 from hermes.data.tokenizer import TiktokenTokenizer, Tokenizer, TokenizerFileError
 
@@ -120,8 +123,14 @@ def save_chat_format(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer = chat.tokenizer
+    added: dict[int, AddedToken] = {}
     if isinstance(tokenizer, TiktokenTokenizer):
         written = [save_tokenizer_json(tokenizer, directory)]
+    elif isinstance(tokenizer, TokenizersTokenizer):
+        backend = tokenizer.backend
+        backend.save(str(directory / "tokenizer.json"))
+        written = [directory / "tokenizer.json"]
+        added = backend.get_added_tokens_decoder()
     else:
         written = [Path(shutil.copy(tokenizer.source, directory / "tokenizer.model"))]
     names = {token_id: name for name, token_id in tokenizer.special_tokens.items()}
@@ -129,14 +138,7 @@ def save_chat_format(
     config: dict[str, Any] = _read_json(base) if base is not None and base.is_file() else {}
     config |= {
         "added_tokens_decoder": {
-            str(token_id): {
-                "content": name,
-                "lstrip": False,
-                "normalized": False,
-                "rstrip": False,
-                "single_word": False,
-                "special": True,
-            }
+            str(token_id): _added_token_entry(name, added.get(token_id))
             for token_id, name in sorted(names.items())
         },
         "bos_token": names[tokenizer.bos_id],
@@ -157,6 +159,16 @@ def save_chat_format(
         path.write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         written.append(path)
     return written
+
+
+def _added_token_entry(name: str, token: AddedToken | None) -> dict[str, Any]:
+    """An `added_tokens_decoder` entry with the flags of the written tokenizer.json's added token; without
+    one (the converted and SentencePiece tokenizers), special with every other flag off, as those write
+    their special tokens."""
+    flags = {"lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": True}
+    if token is not None:
+        flags = {flag: bool(getattr(token, flag)) for flag in flags}
+    return {"content": name, **flags}
 
 
 def _read_json(path: Path) -> dict[str, Any]:

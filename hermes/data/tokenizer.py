@@ -1,10 +1,14 @@
-"""Tokenizers behind one interface: Llama 3 (tiktoken BPE) and SentencePiece (the Llama 2 family).
+"""Tokenizers behind one interface: Llama 3 (tiktoken BPE), SentencePiece (the Llama 2 family's
+tokenizer.model) and any other Hugging Face tokenizer.json (the `tokenizers` library).
 
 A Llama 3 tokenizer is 128000 byte-level BPE ranks plus 256 special tokens at ids 128000-128255.
 `Tokenizer.from_file` reads it from Meta's `tokenizer.model` (tiktoken rank file) or from a Hugging Face
-`tokenizer.json`; both run on tiktoken's native encoder. A `tokenizer.model` that is a SentencePiece
-protobuf is served by the SentencePiece backend. Special-token names drift between releases, so the
-key ids (BOS, EOS, pad) are found by position, not by name.
+`tokenizer.json` in Llama 3's layout (a BPE model, no normalizer, one Split regex then ByteLevel, the
+special tokens after the BPE ranks with BOS and EOS first); both run on tiktoken's native encoder. Special-token names drift between releases, so its key ids (BOS, EOS, pad)
+are found by position, not by name. A `tokenizer.model` that is a SentencePiece protobuf is served by the
+SentencePiece backend; every other tokenizer.json (GPT-2-style byte-level BPE, SentencePiece-derived BPE or
+Unigram) by the `tokenizers` backend (hermes.data.hf_tokenizers_backend), whose key ids are named by the
+tokenizer_config.json beside it.
 
 Special-token text (`<|begin_of_text|>` typed by a user) is encoded as plain text unless the caller
 allows it by name; encoding never raises on it.
@@ -61,7 +65,7 @@ _LONG_RUN = re.compile(rf"(?<!\S)\S{{{_MAX_RUN_CHARS + 1},}}|(?<!\s)\s{{{_MAX_RU
 
 _ACCEPTED = (
     "a tiktoken BPE rank file (tokenizer.model: lines of '<base64 token> <rank>'), a SentencePiece "
-    "model (tokenizer.model), a Hugging Face byte-level BPE tokenizer.json, or a directory holding one "
+    "model (tokenizer.model), a Hugging Face tokenizer.json (BPE or Unigram), or a directory holding one "
     "of them"
 )
 _TIKTOKEN_LINE = re.compile(rb"[A-Za-z0-9+/]+={0,2} \d+")
@@ -250,8 +254,9 @@ class Tokenizer(ABC):
         Args:
             path: a `tokenizer.model` (tiktoken ranks or SentencePiece, told apart by content), a
                 Hugging Face `tokenizer.json` (its `added_tokens`, and the `added_tokens_decoder` of a
-                `tokenizer_config.json` beside it, give the special tokens), or a directory holding
-                tokenizer.json, tokenizer.model or original/tokenizer.model (first found wins).
+                `tokenizer_config.json` beside it, give the special tokens; in Llama 3's layout it runs
+                on tiktoken, else on the `tokenizers` library), or a directory holding tokenizer.json,
+                tokenizer.model or original/tokenizer.model (first found wins).
 
         Returns:
             The tokenizer.
@@ -508,35 +513,48 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-def _split_regex(pre_tokenizer: object) -> str | None:
-    """The regex of the first Split step of a tokenizer.json pre_tokenizer, if any."""
-    if not isinstance(pre_tokenizer, dict):
-        return None
-    if pre_tokenizer.get("type") == "Split":
-        return pre_tokenizer.get("pattern", {}).get("Regex")
-    steps = pre_tokenizer.get("pretokenizers") or []
-    return next((regex for step in steps if (regex := _split_regex(step))), None)
-
-
-def _read_tokenizer_json(path: Path) -> TiktokenTokenizer:
-    """A byte-level BPE tokenizer.json as tiktoken ranks (vocab ids) plus its added tokens."""
-    data = _read_json(path)
-    model = data.get("model")
+def _llama3_pattern(data: Mapping[str, object]) -> str | None:
+    """The Split regex of a tokenizer.json in Llama 3's layout, which tiktoken reproduces: a BPE model, no
+    normalizer, and a pre-tokenizer that is one Split regex, alone or followed by a ByteLevel step without
+    a regex of its own. None for any other layout."""
+    model, pre_tokenizer = data.get("model"), data.get("pre_tokenizer")
     if (
         not isinstance(model, dict)
         or model.get("type", "BPE") != "BPE"
         or not isinstance(model.get("vocab"), dict)
     ):
-        raise TokenizerFileError(
-            f"{path}: 'model' must be a BPE model with a 'vocab' object (a byte-level BPE tokenizer.json, "
-            "as Llama 3 checkpoints ship); for a SentencePiece model pass its tokenizer.model"
-        )
-    pattern = _split_regex(data.get("pre_tokenizer"))
-    if pattern is None:
-        raise TokenizerFileError(
-            f"{path}: 'pre_tokenizer' has no Split regex; expected the Llama 3 layout "
-            "(Sequence of Split(regex) and ByteLevel)"
-        )
+        return None
+    if data.get("normalizer") is not None or not isinstance(pre_tokenizer, dict):
+        return None
+    steps = pre_tokenizer.get("pretokenizers") if pre_tokenizer.get("type") == "Sequence" else [pre_tokenizer]
+    if not isinstance(steps, list) or not steps or not isinstance(steps[0], dict):
+        return None
+    split, rest = steps[0], steps[1:]
+    if split.get("type") != "Split" or not isinstance(split.get("pattern"), dict):
+        return None
+    if rest and (len(rest) > 1 or not isinstance(rest[0], dict) or rest[0].get("type") != "ByteLevel"):
+        return None
+    if rest and rest[0].get("use_regex", True):
+        return None
+    return split["pattern"].get("Regex")
+
+
+def _read_tokenizer_json(path: Path) -> Tokenizer:
+    """A tokenizer.json: on tiktoken in Llama 3's layout, else on the `tokenizers` library."""
+    data = _read_json(path)
+    pattern = _llama3_pattern(data)
+    tokenizer = None if pattern is None else _read_llama3_json(path, data, pattern)
+    if tokenizer is None:
+        from hermes.data.hf_tokenizers_backend import TokenizersTokenizer
+
+        tokenizer = TokenizersTokenizer.from_tokenizer_json(path, data)
+    return tokenizer
+
+
+def _read_llama3_json(path: Path, data: dict, pattern: str) -> TiktokenTokenizer | None:
+    """A byte-level BPE tokenizer.json in Llama 3's layout as tiktoken ranks (vocab ids) plus its added
+    tokens; None when its added tokens do not follow the ranks with BOS and EOS first, as Llama 3's do."""
+    model = data["model"]
     try:
         names_by_id = {int(entry["id"]): entry["content"] for entry in data.get("added_tokens", [])}
     except (KeyError, TypeError, ValueError):
@@ -564,6 +582,8 @@ def _read_tokenizer_json(path: Path) -> TiktokenTokenizer:
                 f"{path}: model.vocab token {token!r} has characters outside the byte-level alphabet; "
                 "expected a byte-level BPE (GPT-2 / Llama 3 style)"
             ) from None
+    if not {len(ranks) + _BOS_OFFSET, len(ranks) + _EOS_OFFSET} <= names_by_id.keys():
+        return None
     _check_ranks(ranks, path)
     _check_merge_order(model.get("merges", []), vocab, path)
     return TiktokenTokenizer(ranks, added, pattern=pattern, source=str(path))
