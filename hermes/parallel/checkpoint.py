@@ -22,6 +22,7 @@ error.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -37,6 +38,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from hermes.parallel.safe_dcp import SafeFileSystemReader, load_state
@@ -199,9 +201,6 @@ class Checkpointer:
         model_state, optim_state = get_state_dict(
             self.model, self.optimizer, options=_options(self.trainable_only)
         )
-        rng_dir = partial / "rng"
-        rng_dir.mkdir(exist_ok=True)
-        torch.save(_rng_state(), rng_dir / f"rank-{rank}.pt")
         trainer = {
             "step": step,
             "epoch_end": epoch_end,
@@ -210,12 +209,15 @@ class Checkpointer:
         }
         state = {"model": model_state, "optim": optim_state}
         try:
+            rng_dir = partial / "rng"
+            rng_dir.mkdir(exist_ok=True)
+            torch.save(_rng_state(), rng_dir / f"rank-{rank}.pt")
             if self.async_save:
                 self._pending = (dcp.async_save(state, checkpoint_id=str(partial)), final, trainer)
             else:
                 dcp.save(state, checkpoint_id=str(partial))
                 self._publish(final, trainer)
-        except Exception as error:
+        except (Exception, CheckpointException) as error:  # DCP's exception is a BaseException
             raise _save_failed(partial, error) from error
 
     def wait(self) -> None:
@@ -227,7 +229,7 @@ class Checkpointer:
         try:
             future.result()
             self._publish(final, trainer)
-        except Exception as error:
+        except (Exception, CheckpointException) as error:  # DCP's exception is a BaseException
             raise _save_failed(final.with_name(final.name + ".partial"), error) from error
 
     def _publish(self, final: Path, trainer: dict[str, Any]) -> None:
@@ -259,6 +261,10 @@ class CheckpointIntegrityError(ValueError):
     """No complete checkpoint of a run matches its checksums."""
 
 
+_NEARLY_FULL = 1 << 20
+"""Free bytes under which a failed write is put down to a full disk."""
+
+
 class CheckpointSaveError(OSError):
     """A checkpoint could not be written; the message names the folder and the OS error."""
 
@@ -266,10 +272,14 @@ class CheckpointSaveError(OSError):
 def _save_failed(partial: Path, error: BaseException) -> CheckpointSaveError:
     """The error of a failed save, naming the folder and the OS error found among its causes (DCP wraps
     each rank's failure), after removing the partial folder."""
+    cause = _os_error(error)
+    # torch's writers may swallow the OS error ("unexpected pos ..."): an exhausted disk still shows.
+    full = cause is not None and cause.errno == errno.ENOSPC
+    with contextlib.suppress(OSError):
+        full = full or shutil.disk_usage(partial.parent).free < _NEARLY_FULL
     if dist.get_rank() == 0:
         shutil.rmtree(partial, ignore_errors=True)
-    cause = _os_error(error)
-    if cause is not None and cause.errno == errno.ENOSPC:
+    if full:
         what = "the disk is full (ENOSPC): free space there, or set train.keep_checkpoints lower"
     elif cause is not None and cause.errno == errno.EROFS:
         what = "the file system is read-only (EROFS): give the run a writable --run.dir"

@@ -1,8 +1,9 @@
 """How much GPU and CPU memory a hermes training step needs: the formulas behind `python -m hermes.plan`.
 
-The planner mirrors what hermes builds (`hermes.train.build.model`): tensor parallelism with sequence and
-loss parallelism, activation checkpointing, then FSDP2 with one unit per transformer block plus the root
-unit (embedding, final norm, output head), AdamW or RMSProp on the sharded parameters, and LoRA. Activation
+The planner mirrors what hermes builds (`hermes.parallel.build.build_model`): tensor parallelism with
+sequence and loss parallelism, activation checkpointing, then FSDP2 in torchtitan's units (the embedding,
+one per transformer block, the final norm with the output head; a tied table stays in the root unit),
+AdamW or RMSProp on the sharded parameters, and LoRA. Activation
 terms are in `hermes.planning.activations`. Measured on CPU (`hermes.planning.measure`,
 benchmarks/memory.py), a step's growth matches the prediction within 2% where activations and the output
 head dominate; where FSDP's buffers dominate, gloo's collective temporaries add 2-28%. Sizes are bytes; GiB = 2**30 bytes (an "80 GB" H100 shows
@@ -25,30 +26,33 @@ float32 masters and AdamW is 16 bytes per parameter: 405B on 56 GPUs is 16 * 405
 before one activation. LoRA: the frozen base is stored in the compute dtype (p bytes per parameter, no
 gradient, no optimizer state); only the adapters have master weights, gradients and states.
 
-FSDP buffers. The root unit is not resharded after forward (FSDP2 keeps the root gathered, expecting
-backward to need it at once): R_t p through the whole step. A block is gathered in p while it computes;
-in backward the next block is prefetched (`prefetch` = 2 blocks in flight; with W = 1 FSDP2's all-gather
-is a no-op and a prefetch allocates nothing). Backward holds unsharded gradients in p: the output head's
-(Vd/t p; when tied, the table's, which the embedding's adds into) from the first head chunk until the
-root's reduce-scatter at the very end, and the block's own, which fill the memory its activations free as
-backward moves through it (the planner counts the larger of the two), plus a reduce-scatter input in r
-(FSDP2 keeps the previous block's until the next reduce).
+FSDP buffers. The head unit (final norm and output head, Vd/t + d) is not resharded after forward
+(backward starts there) and is resharded after its backward, which reduce-scatters its gradient at once;
+the embedding unit is gathered for its forward and again for its backward, the step's last. A tied table
+lives in the root unit instead: gathered through the whole step, its unsharded gradient (which the
+embedding's adds into) held from the first head chunk to the root's reduce-scatter at the very end. A
+block is gathered in p while it computes; in backward the next block is prefetched (`prefetch` = 2
+blocks in flight; with W = 1 FSDP2's all-gather is a no-op and a prefetch allocates nothing). Backward
+holds the block's own unsharded gradients, which fill the memory its activations free as backward moves
+through it (the planner counts the larger of the two), plus a reduce-scatter input in r (FSDP2 keeps the
+previous block's until the next reduce).
 
 Phases. Sharded gradients exist only from each unit's reduce-scatter on (the training loop sets them to None
 after every optimizer step; one micro-batch per optimizer step is assumed: FSDP2's no-sync gradient
 accumulation would keep every block's unsharded gradient, which is not modelled). The GPU peak is the
 largest of:
   head backward:        all blocks' kept activations, the tensors around the blocks, the head's working
-                        set; root and last block gathered (the last block is not resharded after forward),
-                        the head's weight gradient once a second chunk runs.
+                        set; the head unit (or tied root) and the last block gathered (the last block is
+                        not resharded after forward), the head's weight gradient once a second chunk runs.
   last block backward:  the other blocks' kept activations; the block's own, its recompute and backward
-                        transient (or its gradients, if larger); root + `prefetch` blocks gathered; the
-                        head's gradient; a reduce-scatter input.
+                        transient (or its gradients, if larger); `prefetch` blocks gathered; the head's
+                        sharded gradient (tied: the root gathered and its unsharded gradient); a
+                        reduce-scatter input.
   first block backward: as above with one block's activations left and all the other blocks' sharded
                         gradients present (the later phase wins when a block's sharded gradients outweigh
                         its kept activations).
-  root reduce:          every block's sharded gradients; the root's unsharded gradients (p) and its
-                        reduce-scatter input (r).
+  embedding reduce:     every block's and the head's sharded gradients; the embedding unit (tied: the root)
+                        gathered, its unsharded gradients (p) and its reduce-scatter input (r).
   optimizer step:       all sharded gradients; hermes' AdamW runs fused on GPU (no temporaries), its
                         RMSProp foreach (a square-root buffer of the state, m per trained parameter).
 Every phase adds the resident parameters and optimizer states and `gpu_overhead` (default 4 GiB: CUDA
@@ -309,6 +313,9 @@ def plan(
     # Parameters per rank: TP splits the matrices (norm weights stay whole), FSDP shards the rest.
     block_t = (block_parameters(c) - 2 * d) / tp + 2 * d
     root_t = vocab_tables(c) * V * d / tp + d
+    tied = c.tie_word_embeddings
+    # Units around the blocks: the head unit (norm + head) and the embedding unit, or one tied root.
+    head_unit_t, embedding_unit_t = (0.0, root_t) if tied else (V * d / tp + d, V * d / tp)
     adapter_t = lora_parameters(c, k)  # tensor parallelism splits the base projections, not the adapters
     block_trained = adapter_t if lora else block_t
     root_trained = 0.0 if lora else root_t
@@ -326,11 +333,17 @@ def plan(
     in_block = kept + recompute + transient
 
     # FSDP buffers.
-    block_gathered, root_gathered = (block_t + adapter_t) * p, root_t * p
+    block_gathered = (block_t + adapter_t) * p
     in_flight = prefetch if shards > 1 else 1
     head_grad = V * d / tp * p if not lora else 0.0
     head, head_grad_at_peak = head_peak(V, tokens, tp, head_grad)
-    root_shard_grad = root_trained / shards * m
+    trains_head = 0.0 if lora else 1.0
+    # Held through the blocks' backward: a tied root stays gathered with its unsharded gradient; an untied
+    # head unit has been reduced (its sharded gradient stays) and resharded.
+    around_gathered = root_t * p + head_grad if tied else 0.0
+    head_shard_grad = 0.0 if tied else trains_head * head_unit_t / shards * m
+    embedding_trained = trains_head * embedding_unit_t
+    embedding_shard_grad = embedding_trained / shards * m
     on_gpu = 0.0 if cpu_offload else 1.0
 
     def block_backward(done: int) -> dict[str, float]:
@@ -339,29 +352,26 @@ def plan(
         gathered = 1 + (in_flight - 1 if left > 0 else 0)
         own_gradients = max(0.0, block_trained * p - in_block)
         return {
-            "gradients": done * block_trained / shards * m * on_gpu,
+            "gradients": (done * block_trained / shards * m + head_shard_grad) * on_gpu,
             "activations": left * kept + persistent + in_block,
-            "fsdp_buffers": root_gathered
-            + gathered * block_gathered
-            + head_grad
-            + own_gradients
-            + block_trained * r,
+            "fsdp_buffers": around_gathered + gathered * block_gathered + own_gradients + block_trained * r,
         }
 
     phases = {
         "head backward": {
             "gradients": 0.0,
             "activations": L * kept + around + head,
-            "fsdp_buffers": root_gathered + block_gathered + head_grad_at_peak,
+            "fsdp_buffers": (root_t if tied else head_unit_t) * p + block_gathered + head_grad_at_peak,
         },
         "last block backward": block_backward(0),
         "first block backward": block_backward(L - 1),
-        # The root's unsharded gradients are copied into the reduce-scatter input and freed before its
-        # sharded gradient lands.
-        "root reduce": {
-            "gradients": (grads - root_shard_grad) * on_gpu,
+        # The embedding unit's (tied: the root's) unsharded gradients are copied into the reduce-scatter
+        # input and freed before its sharded gradient lands; its gathered weights are still there.
+        "embedding reduce": {
+            "gradients": (grads - embedding_shard_grad) * on_gpu,
             "activations": 0.0,
-            "fsdp_buffers": max(root_trained * (p + r), root_trained * r + root_shard_grad),
+            "fsdp_buffers": embedding_unit_t * p
+            + max(embedding_trained * (p + r), embedding_trained * r + embedding_shard_grad),
         },
         # hermes' AdamW is fused on GPU (no temporaries); RMSProp runs foreach: a square-root buffer.
         "optimizer step": {

@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> DPOConfig:
     dataset = build.preference_dataset(config, env)
     loader = build.loader(config, env, dataset, group_size=2)
     model = build_model(config, env.meshes, env.device, lora=config.lora)
-    trainer = Trainer(config, env, model, loader, trainable_only_checkpoints=True)
+    trainer = Trainer(config, env, model, loader, trainable_only_checkpoints=True, reference_forward=True)
     sequence_shard = (env.meshes.tp.get_local_rank(), env.dims.tp)
     for batch in trainer.batches():
         trainer.step(batch, dpo_step(model, batch, trainer.micro_batches(batch), config.dpo, sequence_shard))

@@ -82,6 +82,8 @@ class Trainer:
         model: the parallelised model.
         loader: the packed-batch loader.
         trainable_only_checkpoints: leave frozen parameters out of checkpoints (a LoRA run).
+        reference_forward: each step also runs one forward pass without backward over the same tokens
+            (DPO's reference model): MFU counts its FLOPs, a third of a training pass's.
     """
 
     def __init__(
@@ -92,6 +94,7 @@ class Trainer:
         loader: PackedLoader,
         *,
         trainable_only_checkpoints: bool = False,
+        reference_forward: bool = False,
     ) -> None:
         self.config, self.env, self.model, self.loader = config, env, model, loader
         self.device = env.device
@@ -141,6 +144,7 @@ class Trainer:
         self._preempted = False
         self._started = 0.0
         self._mfu = device_type_is_cuda()
+        self._flops_scale = 4 / 3 if reference_forward else 1.0
 
     def batches(self) -> Iterator[StepBatch]:
         """The global batch of each remaining step, in training mode."""
@@ -186,7 +190,7 @@ class Trainer:
             "tokens_per_s": batch.global_real_tokens / elapsed,
         }
         if self._mfu:
-            flops = training_flops(self.model.config, batch.global_sample_lengths)
+            flops = self._flops_scale * training_flops(self.model.config, batch.global_sample_lengths)
             record["mfu"] = flops / elapsed / (H100_BF16_PEAK_FLOPS * dist.get_world_size())
         record.update(device_memory())
         if self._log is not None:
