@@ -56,7 +56,12 @@ def generated_corpus(lines: int = 4000) -> list[str]:
 
 @pytest.fixture(scope="module")
 def byte_level(tmp_path_factory) -> Path:
-    """A GPT-2-style byte-level BPE trained here, with its own special tokens; <|endoftext|> is BOS and EOS."""
+    return write_byte_level_bpe(tmp_path_factory.mktemp("byte_level"))
+
+
+def write_byte_level_bpe(directory: Path) -> Path:
+    """A GPT-2-style byte-level BPE trained here, with its own special tokens; <|endoftext|> is BOS and EOS.
+    Writes tokenizer.json and tokenizer_config.json into `directory` and returns it."""
     backend = HFTokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
@@ -67,7 +72,7 @@ def byte_level(tmp_path_factory) -> Path:
         show_progress=False,
     )
     backend.train_from_iterator(generated_corpus(), trainer)
-    directory = tmp_path_factory.mktemp("byte_level")
+    directory.mkdir(parents=True, exist_ok=True)
     backend.save(str(directory / "tokenizer.json"))
     config = {"bos_token": "<|endoftext|>", "eos_token": {"__type": "AddedToken", "content": "<|endoftext|>"}}
     (directory / "tokenizer_config.json").write_text(json.dumps(config))
