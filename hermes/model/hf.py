@@ -344,16 +344,17 @@ class _Stored:
 def load_pretrained(
     directory: str | os.PathLike, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
 ) -> Llama:
-    """Read a Hugging Face checkpoint (config.json + model.safetensors, or its index and shards) or a Meta
-    original one (params.json + consolidated.NN.pth) into a hermes Llama.
+    """Read a Hugging Face checkpoint (config.json + model.safetensors, or its index and shards), a Meta
+    original one (params.json + consolidated.NN.pth) or a llama.cpp GGUF file (`X.gguf`, read by
+    `hermes.model.gguf.load_gguf`; needs the gguf package) into a hermes Llama.
 
     The model is built on the meta device and the checkpoint's tensors are assigned to it, so the weights
     exist once, on `device`.
 
     Args:
-        directory: the checkpoint directory.
+        directory: the checkpoint directory, or a .gguf file.
         device: where the parameters go.
-        dtype: convert floating-point weights to this dtype; None keeps the checkpoint's.
+        dtype: convert floating-point weights to this dtype; None keeps the checkpoint's (float32 for GGUF).
 
     Returns:
         The model, in training mode.
@@ -364,6 +365,10 @@ def load_pretrained(
             the wrong shape (all listed, each with its file and both shapes).
     """
     directory = Path(directory)
+    if directory.suffix == ".gguf":
+        from hermes.model.gguf import load_gguf  # the gguf package is an optional dependency
+
+        return load_gguf(directory, device, dtype)
     if not directory.is_dir():
         raise FileNotFoundError(f"Checkpoint directory {directory} does not exist")
     if is_hf_checkpoint(directory):
