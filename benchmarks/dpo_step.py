@@ -56,7 +56,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from _common import SMALL_VOCAB, fold_vocabulary, run_on_processes
+from _common import SMALL_VOCAB, fold_vocabulary
 from torch.distributed.device_mesh import DeviceMesh
 from train_step import SEED, Result, Shape, packed_slots, timed, unpacked_samples
 
@@ -73,6 +73,7 @@ from hermes.model.lora import apply_lora
 from hermes.parallel.activation_checkpointing import apply_activation_checkpointing
 from hermes.parallel.fsdp import apply_fsdp
 from hermes.parallel.mesh import ParallelDims, build_mesh, init_distributed
+from hermes.parallel.processes import run_on_processes
 from hermes.planning.measure import allocator_peak, rss_peak
 from hermes.planning.memory import DTYPE_BYTES, GIB, plan
 from hermes.train.dpo import dpo_step, sequence_logprobs

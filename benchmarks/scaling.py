@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-from _common import SMALL_VOCAB, fold_vocabulary, run_on_processes
+from _common import SMALL_VOCAB, fold_vocabulary
 from train_step import SEED, Shape, bundled_dataset, hermes_step, step_batches, timed
 
 from hermes.config import OptimConfig
@@ -39,6 +39,7 @@ from hermes.data.dataset import TokenizedDataset
 from hermes.model import Llama, LlamaConfig
 from hermes.parallel.fsdp import apply_fsdp
 from hermes.parallel.mesh import Meshes, ParallelDims, build_mesh, init_distributed
+from hermes.parallel.processes import run_on_processes
 from hermes.parallel.tensor_parallel import apply_tensor_parallel
 from hermes.train.optim import build_optimizer
 

@@ -48,7 +48,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from _common import run_on_processes
 from torch import nn
 
 from hermes.config import OptimConfig
@@ -64,6 +63,7 @@ from hermes.model import Llama, LlamaConfig
 from hermes.model.attention import available_backends
 from hermes.parallel.fsdp import apply_fsdp
 from hermes.parallel.mesh import ParallelDims, build_mesh, init_distributed
+from hermes.parallel.processes import run_on_processes
 from hermes.train.metrics import H100_BF16_PEAK_FLOPS, training_flops
 from hermes.train.optim import build_optimizer, parameter_groups
 from hermes.train.sft import sft_step
