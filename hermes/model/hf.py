@@ -1,4 +1,5 @@
-"""Hugging Face and Meta checkpoint formats <-> hermes (whose parameter names are Meta's).
+"""Hugging Face and Meta checkpoint files <-> hermes models: reading and writing (the names, the q/k
+permutation and Meta's shard layout are hermes.model.hf_names).
 
 Written: the Hugging Face layout that `transformers.AutoModelForCausalLM.from_pretrained` reads —
 config.json plus safetensors in Hugging Face names, dtype preserved. A model that fits in one shard is
@@ -26,186 +27,41 @@ from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from hermes.model.config import LlamaConfig
+from hermes.model.hf_names import (
+    HF_IGNORED,
+    from_hf_state_dict,
+    from_meta_state_dict,
+    hermes_name,
+    hf_name,
+    hf_state_dict,
+    merge_meta_shards,
+    meta_qk_to_hf,
+    stored_state,
+)
 from hermes.model.llama import TIED_HEAD_WEIGHT, Llama
+
+__all__ = [  # the names moved to hermes.model.hf_names stay importable from here
+    "from_hf_state_dict",
+    "from_meta_state_dict",
+    "hermes_name",
+    "hf_name",
+    "hf_state_dict",
+    "merge_meta_shards",
+    "meta_qk_to_hf",
+    "stored_state",
+]
 
 CONFIG_FILE = "config.json"
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 META_PARAMS_FILE = "params.json"
 META_SHARD_PATTERN = "consolidated.*.pth"
-
-# Per block: hermes (= Meta) module -> Hugging Face module.
-_BLOCK_TO_HF = {
-    "attention.wq": "self_attn.q_proj",
-    "attention.wk": "self_attn.k_proj",
-    "attention.wv": "self_attn.v_proj",
-    "attention.wo": "self_attn.o_proj",
-    "feed_forward.w1": "mlp.gate_proj",
-    "feed_forward.w2": "mlp.down_proj",
-    "feed_forward.w3": "mlp.up_proj",
-    "attention_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-}
-_TOP_TO_HF = {"tok_embeddings": "model.embed_tokens", "norm": "model.norm", "output": "lm_head"}
-_BLOCK_FROM_HF = {hf: ours for ours, hf in _BLOCK_TO_HF.items()}
-_TOP_FROM_HF = {hf: ours for ours, hf in _TOP_TO_HF.items()}
-_HERMES_BLOCK = re.compile(r"layers\.(\d+)\.(.+)\.(weight)")
-_HF_BLOCK = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight)")
-_TOP = re.compile(r"(.+)\.(weight)")
-
-# Tensors some files carry that are not weights: Hugging Face's RoPE frequencies (older transformers) and
-# Meta's precomputed rope.freqs (Llama 2). hermes recomputes both.
-_HF_IGNORED = re.compile(r".*\.rotary_emb\.inv_freq")
-_META_IGNORED = {"rope.freqs"}
-
-T = TypeVar("T")
-
-# Meta model-parallel shards: ColumnParallelLinear weights are split on dim 0 (output rows),
-# RowParallelLinear on dim 1; norms are replicated. The embedding: see `merge_meta_shards`.
-_META_CONCAT_DIM = {
-    "attention.wq": 0,
-    "attention.wk": 0,
-    "attention.wv": 0,
-    "feed_forward.w1": 0,
-    "feed_forward.w3": 0,
-    "output": 0,
-    "attention.wo": 1,
-    "feed_forward.w2": 1,
-}
-
-
-# Names ---------------------------------------------------------------------------------------------------
-
-
-def hf_name(name: str) -> str:
-    """Hugging Face name of a hermes parameter: "layers.0.attention.wq.weight" ->
-    "model.layers.0.self_attn.q_proj.weight".
-
-    Raises:
-        ValueError: `name` is not a Llama parameter.
-    """
-    block = _HERMES_BLOCK.fullmatch(name)
-    if block and block[2] in _BLOCK_TO_HF:
-        return f"model.layers.{block[1]}.{_BLOCK_TO_HF[block[2]]}.{block[3]}"
-    top = _TOP.fullmatch(name)
-    if top and top[1] in _TOP_TO_HF:
-        return f"{_TOP_TO_HF[top[1]]}.{top[2]}"
-    raise ValueError(f"{name!r} is not a hermes Llama parameter; it has no Hugging Face name")
-
-
-def hermes_name(name: str) -> str:
-    """hermes (= Meta) name of a Hugging Face Llama parameter; the inverse of `hf_name`.
-
-    Raises:
-        ValueError: `name` is not a Hugging Face Llama parameter.
-    """
-    block = _HF_BLOCK.fullmatch(name)
-    if block and block[2] in _BLOCK_FROM_HF:
-        return f"layers.{block[1]}.{_BLOCK_FROM_HF[block[2]]}.{block[3]}"
-    top = _TOP.fullmatch(name)
-    if top and top[1] in _TOP_FROM_HF:
-        return f"{_TOP_FROM_HF[top[1]]}.{top[2]}"
-    raise ValueError(f"{name!r} is not a Hugging Face Llama parameter")
-
-
-def hf_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The same tensors under Hugging Face names (hermes rotates halves like Hugging Face: no permutation)."""
-    return {hf_name(name): tensor for name, tensor in state.items()}
-
-
-def stored_state(state: Mapping[str, T], config: LlamaConfig) -> dict[str, T]:
-    """The entries of a (hermes-named) state dict that a checkpoint stores: all of them, except a tied
-    model's `output.weight`, which is the embedding table a second time (`model.state_dict()` holds both
-    names; a file holds the table once)."""
-    return {n: t for n, t in state.items() if not (config.tie_word_embeddings and n == TIED_HEAD_WEIGHT)}
-
-
-def from_hf_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The same tensors under hermes names; RoPE frequency buffers are dropped."""
-    return {hermes_name(name): tensor for name, tensor in state.items() if not _HF_IGNORED.fullmatch(name)}
-
-
-def meta_qk_to_hf(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Permute the rows of a Meta q or k weight [n_heads * head_dim, dim] from interleaved RoPE pairs
-    (2i, 2i+1) to the halves (i, i + head_dim/2) that hermes and Hugging Face rotate."""
-    rows, dim = weight.shape
-    head_dim = rows // n_heads
-    # [heads, head_dim/2 pairs, 2 members, dim] -> [heads, 2 halves, head_dim/2, dim]
-    return weight.view(n_heads, head_dim // 2, 2, dim).transpose(1, 2).reshape(rows, dim)
-
-
-def _module_of(name: str) -> str:
-    """The module a parameter belongs to, without block index: layers.3.attention.wq.weight -> attention.wq."""
-    block = _HERMES_BLOCK.fullmatch(name)
-    if block:
-        return block[2]
-    top = _TOP.fullmatch(name)
-    return top[1] if top else name
-
-
-def merge_meta_shards(
-    shards: Sequence[Mapping[str, torch.Tensor]], files: Sequence[str] | None = None
-) -> dict[str, torch.Tensor]:
-    """Join Meta model-parallel shards (consolidated.00.pth, ...) into full tensors, in Meta names.
-
-    wq/wk/wv/w1/w3/output are concatenated on dim 0, wo/w2 on dim 1, norms taken from the first shard.
-    The embedding is split on the vocabulary in Llama 3 (VocabParallelEmbedding: dim 0) and on the width
-    in Llama 2 (ParallelEmbedding: dim 1); the replicated final norm's width tells which.
-
-    Args:
-        shards: one state dict per model-parallel rank, in rank order.
-        files: the shards' file names, for error messages.
-
-    Raises:
-        ValueError: listing every tensor the shards do not all hold, or whose pieces do not fit together.
-    """
-    files = list(files) if files is not None else [f"shard {i}" for i in range(len(shards))]
-    if len(shards) == 1:
-        return {name: t for name, t in shards[0].items() if name not in _META_IGNORED}
-    width = shards[0]["norm.weight"].shape[0] if "norm.weight" in shards[0] else None
-    names = [n for n in dict.fromkeys(n for shard in shards for n in shard) if n not in _META_IGNORED]
-    merged, problems = {}, []
-    for name in names:
-        holders = [f for f, shard in zip(files, shards) if name in shard]
-        if len(holders) != len(shards):
-            problems.append(f"{name} is in {', '.join(holders)} but not in every shard")
-            continue
-        pieces = [shard[name] for shard in shards]
-        module = _module_of(name)
-        dim = _META_CONCAT_DIM.get(module)
-        if module == "tok_embeddings":
-            dim = 1 if width is not None and pieces[0].shape[1] != width else 0
-        if dim is None:
-            merged[name] = pieces[0]
-            continue
-        try:
-            merged[name] = torch.cat(pieces, dim=dim)
-        except RuntimeError:
-            shapes = ", ".join(f"{tuple(p.shape)} in {f}" for p, f in zip(pieces, files))
-            problems.append(f"{name}: shard pieces {shapes} do not join on dim {dim}")
-    if problems:
-        raise ValueError("Meta checkpoint shards do not fit together:\n  " + "\n  ".join(problems))
-    return merged
-
-
-def from_meta_state_dict(
-    state: Mapping[str, torch.Tensor], n_heads: int, n_kv_heads: int
-) -> dict[str, torch.Tensor]:
-    """A full (merged) Meta state dict as hermes tensors: the same names, q/k rows permuted to halves."""
-    permute = {"attention.wq": n_heads, "attention.wk": n_kv_heads}
-    out = {}
-    for name, tensor in state.items():
-        heads = permute.get(_module_of(name))
-        out[name] = meta_qk_to_hf(tensor, heads) if heads else tensor
-    return out
-
 
 # Saving --------------------------------------------------------------------------------------------------
 
@@ -224,7 +80,7 @@ def whole_tensor(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if is_dtensor(tensor) else tensor
 
 
-def _full_cpu(tensor: torch.Tensor) -> torch.Tensor:
+def full_cpu(tensor: torch.Tensor) -> torch.Tensor:
     """A contiguous CPU copy of the whole tensor (DTensors are gathered: collective, every rank calls)."""
     return whole_tensor(tensor).detach().to("cpu").contiguous()
 
@@ -242,7 +98,7 @@ def _plan_shards(sizes: Sequence[tuple[str, int]], max_shard_bytes: int) -> list
     return shards
 
 
-def _is_writer() -> bool:
+def is_writer() -> bool:
     return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or (
         torch.distributed.get_rank() == 0
     )
@@ -268,13 +124,13 @@ def save_pretrained(model: Llama, directory: str | os.PathLike, max_shard_bytes:
     """
     state = stored_state(model.state_dict(), model.config)
     groups = plan_shard_files(state, max_shard_bytes)
-    writer = _is_writer()
+    writer = is_writer()
     directory = Path(directory)
     staging = new_staging_directory(directory) if writer else None
     try:
         weight_map, total_size = {}, 0
         for file, group in groups.items():
-            tensors = {hf_name(name): _full_cpu(state[name]) for name in group}
+            tensors = {hf_name(name): full_cpu(state[name]) for name in group}
             total_size += sum(t.numel() * t.element_size() for t in tensors.values())
             weight_map.update(dict.fromkeys(tensors, file))
             if staging is not None:
@@ -333,7 +189,7 @@ def _publish(staging: Path, directory: Path, marker: str) -> None:
 
 
 @dataclass(frozen=True)
-class _Stored:
+class StoredTensor:
     """One tensor of a checkpoint, before its data is read: the name its file gives it, shape, file."""
 
     name: str
@@ -387,7 +243,7 @@ def load_pretrained(
     return model
 
 
-def _read_json(path: Path, what: str) -> dict:
+def read_json(path: Path, what: str) -> dict:
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: {what}")
     try:
@@ -402,7 +258,7 @@ def _convert(tensor: torch.Tensor, device: torch.device | str, dtype: torch.dtyp
 
 
 @contextmanager
-def _open_safetensors(path: Path):
+def open_safetensors(path: Path):
     try:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
             yield handle
@@ -413,10 +269,10 @@ def _open_safetensors(path: Path):
         ) from err
 
 
-def _check_against(
+def check_against(
     expected: Mapping[str, torch.Size],
-    stored: Mapping[str, _Stored],
-    unexpected: Sequence[_Stored],
+    stored: Mapping[str, StoredTensor],
+    unexpected: Sequence[StoredTensor],
     stored_name: Callable[[str], str],
     why_missing: Callable[[str], str],
     source: Path,
@@ -453,9 +309,9 @@ def _hf_weight_files(directory: Path) -> tuple[dict[str, str], str]:
     """Hugging Face tensor name -> file name, and the file that lists them (index or single file)."""
     index_path = directory / SAFETENSORS_INDEX
     if not index_path.exists():
-        with _open_safetensors(directory / SAFETENSORS_FILE) as handle:
+        with open_safetensors(directory / SAFETENSORS_FILE) as handle:
             return dict.fromkeys(handle.keys(), SAFETENSORS_FILE), SAFETENSORS_FILE
-    index = _read_json(index_path, "the shard index")
+    index = read_json(index_path, "the shard index")
     weight_map = index.get("weight_map")
     if not isinstance(weight_map, dict):
         raise ValueError(f"{index_path} has no 'weight_map' object {{tensor name: shard file}}; restore it")
@@ -482,11 +338,13 @@ def read_hf_config(directory: str | os.PathLike) -> LlamaConfig:
         ValueError: config.json is not valid JSON or not a Llama config.
     """
     return LlamaConfig.from_hf(
-        _read_json(Path(directory) / CONFIG_FILE, "a Hugging Face checkpoint needs it beside its safetensors")
+        read_json(Path(directory) / CONFIG_FILE, "a Hugging Face checkpoint needs it beside its safetensors")
     )
 
 
-def check_hf_tensors(directory: str | os.PathLike, expected: Mapping[str, torch.Size]) -> dict[str, _Stored]:
+def check_hf_tensors(
+    directory: str | os.PathLike, expected: Mapping[str, torch.Size]
+) -> dict[str, StoredTensor]:
     """The tensors of a Hugging Face checkpoint by hermes name, checked from the safetensors headers alone
     (no data is read) against `expected` (hermes name -> shape).
 
@@ -497,15 +355,15 @@ def check_hf_tensors(directory: str | os.PathLike, expected: Mapping[str, torch.
     """
     directory = Path(directory)
     files, listing = _hf_weight_files(directory)
-    stored: dict[str, _Stored] = {}
-    unexpected: list[_Stored] = []
+    stored: dict[str, StoredTensor] = {}
+    unexpected: list[StoredTensor] = []
     for file in dict.fromkeys(files.values()):
-        with _open_safetensors(directory / file) as handle:
+        with open_safetensors(directory / file) as handle:
             names = handle.keys()
             for name in names:
-                if files.get(name) != file or _HF_IGNORED.fullmatch(name):
+                if files.get(name) != file or HF_IGNORED.fullmatch(name):
                     continue
-                entry = _Stored(name, tuple(handle.get_slice(name).get_shape()), file)
+                entry = StoredTensor(name, tuple(handle.get_slice(name).get_shape()), file)
                 try:
                     stored[hermes_name(name)] = entry
                 except ValueError:
@@ -516,7 +374,7 @@ def check_hf_tensors(directory: str | os.PathLike, expected: Mapping[str, torch.
             return f"{listing} {'lists' if listing == SAFETENSORS_INDEX else 'holds'} no such tensor"
         return f"{files[name]} does not hold it, though {listing} lists it there"
 
-    _check_against(expected, stored, unexpected, hf_name, why_missing, directory)
+    check_against(expected, stored, unexpected, hf_name, why_missing, directory)
     return stored
 
 
@@ -525,7 +383,7 @@ def _read_hf(directory: Path, device, dtype) -> tuple[LlamaConfig, dict[str, tor
     stored = check_hf_tensors(directory, _expected_shapes(config))
     state = {}
     for file in dict.fromkeys(s.file for s in stored.values()):
-        with _open_safetensors(directory / file) as handle:
+        with open_safetensors(directory / file) as handle:
             for name, entry in stored.items():
                 if entry.file == file:
                     state[name] = _convert(handle.get_tensor(entry.name), device, dtype)
@@ -548,7 +406,7 @@ def _load_meta_shard(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _read_meta(directory: Path, device, dtype) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
-    params = _read_json(directory / META_PARAMS_FILE, "a Meta checkpoint needs it beside consolidated.NN.pth")
+    params = read_json(directory / META_PARAMS_FILE, "a Meta checkpoint needs it beside consolidated.NN.pth")
     paths = _meta_shard_files(directory)
     names = [p.name for p in paths]
     merged = merge_meta_shards([_load_meta_shard(p) for p in paths], names)
@@ -558,8 +416,8 @@ def _read_meta(directory: Path, device, dtype) -> tuple[LlamaConfig, dict[str, t
     # params.json does not say whether the head is tied: a checkpoint without its weight is (Llama 3.2).
     config = config.replace(tie_word_embeddings=TIED_HEAD_WEIGHT not in merged)
     listing = ", ".join(names)
-    stored = {name: _Stored(name, tuple(t.shape), listing) for name, t in merged.items()}
-    _check_against(
+    stored = {name: StoredTensor(name, tuple(t.shape), listing) for name, t in merged.items()}
+    check_against(
         _expected_shapes(config), stored, [], str, lambda _: f"none of {listing} holds it", directory
     )
     state = from_meta_state_dict(merged, config.n_heads, config.n_kv_heads)

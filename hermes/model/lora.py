@@ -32,15 +32,15 @@ from safetensors.torch import save_file
 from torch import nn
 
 from hermes.model.hf import (
-    _check_against,
-    _full_cpu,
-    _is_writer,
-    _open_safetensors,
-    _read_json,
-    _Stored,
+    StoredTensor,
+    check_against,
+    full_cpu,
     hermes_name,
     hf_name,
     is_dtensor,
+    is_writer,
+    open_safetensors,
+    read_json,
     whole_tensor,
 )
 
@@ -348,8 +348,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name
         "init_lora_weights": True,
         "inference_mode": True,
     }
-    tensors = {peft_key(name): _full_cpu(t) for name, t in lora_state_dict(model).items()}
-    if not _is_writer():
+    tensors = {peft_key(name): full_cpu(t) for name, t in lora_state_dict(model).items()}
+    if not is_writer():
         return
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -358,7 +358,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name
 
 
 def _read_adapter_config(path: Path) -> dict:
-    config = _read_json(path, "a PEFT adapter directory needs it beside adapter_model.safetensors")
+    config = read_json(path, "a PEFT adapter directory needs it beside adapter_model.safetensors")
     if config.get("peft_type") != "LORA":
         raise ValueError(f"{path}: peft_type is {config.get('peft_type')!r}; only 'LORA' adapters load here")
     for key in ("r", "lora_alpha", "target_modules"):
@@ -431,17 +431,17 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
         except ValueError as err:
             raise ValueError(f"{config_path}: {err}") from err
     ours = lora_state_dict(model)
-    stored: dict[str, _Stored] = {}
-    unexpected: list[_Stored] = []
-    with _open_safetensors(weights_path) as handle:
+    stored: dict[str, StoredTensor] = {}
+    unexpected: list[StoredTensor] = []
+    with open_safetensors(weights_path) as handle:
         keys = handle.keys()
         for key in keys:
-            entry = _Stored(key, tuple(handle.get_slice(key).get_shape()), ADAPTER_WEIGHTS_FILE)
+            entry = StoredTensor(key, tuple(handle.get_slice(key).get_shape()), ADAPTER_WEIGHTS_FILE)
             try:
                 stored[hermes_lora_key(key)] = entry
             except ValueError:
                 unexpected.append(entry)
-        _check_against(
+        check_against(
             {name: t.shape for name, t in ours.items()},
             stored,
             unexpected,

@@ -27,9 +27,9 @@ from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceSt
 from hermes.model.hf import (
     SAFETENSORS_FILE,
     SAFETENSORS_INDEX,
-    _is_writer,
     check_hf_tensors,
     hf_name,
+    is_writer,
     new_staging_directory,
     plan_shard_files,
     publish_checkpoint,
@@ -88,14 +88,14 @@ def save_sharded(model: Llama, directory: str | os.PathLike, max_shard_bytes: in
             thread_count_consolidation=min(len(files), 8),
         )
         dcp.save(state, storage_writer=writer)
-        if _is_writer():
+        if is_writer():
             shutil.rmtree(staging / _RANK_FILES_DIR)
             if len(files) == 1:
                 (staging / _JOINED_SINGLE_FILE).rename(staging / SAFETENSORS_FILE)
                 (staging / SAFETENSORS_INDEX).unlink()
             publish_checkpoint(staging, directory, model.config, next(iter(state.values())).dtype)
     finally:
-        if _is_writer() and staging.exists():
+        if is_writer() and staging.exists():
             shutil.rmtree(staging)
     if dist.is_initialized():
         dist.barrier()
@@ -103,7 +103,7 @@ def save_sharded(model: Llama, directory: str | os.PathLike, max_shard_bytes: in
 
 def _shared_staging_directory(directory: Path) -> Path:
     """A fresh staging directory beside `directory` that rank 0 creates and every rank is told."""
-    staging = [str(new_staging_directory(directory)) if _is_writer() else None]
+    staging = [str(new_staging_directory(directory)) if is_writer() else None]
     if dist.is_initialized():
         dist.broadcast_object_list(staging, src=0)
     return Path(staging[0])
