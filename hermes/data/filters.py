@@ -145,6 +145,23 @@ class FilterSummary:
             if truncated and len(counts.truncated_examples) < self.max_examples:
                 counts.truncated_examples.append(source)
 
+    def merge(self, other: FilterSummary) -> None:
+        """Count `other`'s records after this summary's, as if they had been added here one by one: stages
+        keep the order they first ran in, and the examples are the first ones in record order."""
+        for name, theirs in other.stages.items():
+            counts = self.stages.get(name)
+            if counts is None:
+                counts = self.stages[name] = _Stage()
+            counts.seen += theirs.seen
+            counts.dropped.update(theirs.dropped)
+            for reason, sources in theirs.examples.items():
+                examples = counts.examples.setdefault(reason, [])
+                examples += sources[: max(0, self.max_examples - len(examples))]
+            if theirs.truncated is not None:
+                counts.truncated = (counts.truncated or 0) + theirs.truncated
+                room = max(0, self.max_examples - len(counts.truncated_examples))
+                counts.truncated_examples += theirs.truncated_examples[:room]
+
     def kept(self, stage: str) -> int:
         """Records `stage` let through."""
         return self.stages[stage].kept

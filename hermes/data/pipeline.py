@@ -1,27 +1,49 @@
-"""From JSONL files to a tokenized, filtered dataset, cached on disk.
+"""From data files to a tokenized, filtered dataset, cached on disk.
 
 records -> content filters -> ChatML rendering with loss masks -> over-long policy -> token filters ->
 category mixture -> TokenizedDataset. The result is cached under a key made of the data files' contents,
 the tokenizer, the Hermes tag ids and every option that changes the result, so a large mixture is
 tokenized once and later runs (and every rank) memory-map it.
+
+Where it runs: on global rank 0 alone (hermes.train.build), which writes the cache into `data.cache_dir`,
+on storage every node sees, and broadcasts its directory; every rank then memory-maps the same files. One
+writer keeps the cache free of races and of duplicated work, and its node's cores do the work: rank 0 cuts
+data.train into shards of CHUNK_RECORDS records (hermes.data.sources), and `data.workers` processes
+(default: every core rank 0 may run on) read, filter, render and tokenize them (hermes.data.workers:
+forkserver workers, the chat format rebuilt in each by `portable_chat`), while the other ranks wait in the
+broadcast. At the Hermes 3 scale, 390M tokens, one 96-core node should take about half a minute (projected
+in benchmarks/README.md, "Data pipeline"), so spreading the shards over nodes would save little.
+
+Determinism: shards are cut by record count alone, each worker writes its shard's samples to a file of its
+own, and rank 0 takes the results in shard order, merges the filter counts in that order and assembles the
+cache from the shard files in that order. So the cache (every file's bytes) and its key are the same for
+any number of workers; `data.workers` is not part of the key.
+
+Memory: rank 0 holds the shards in flight (raw records and results; hermes.data.workers.ordered_map says
+how many: two per worker), and per sample its length and category (the mixture and the cache's offsets
+need them; about 50 bytes a sample at the end); a worker holds one shard's records and samples; the cache
+is assembled from the shard files one shard at a time, appended to its arrays. Neither grows with the
+corpus' tokens.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
-import itertools
 import json
 import os
 import shutil
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import TypeVar
+
+import numpy as np
 
 from hermes.config import DataConfig
 from hermes.data.chat import ChatFormat
-from hermes.data.dataset import TokenizedDataset
+from hermes.data.dataset import assemble_shards, save_shard
 from hermes.data.filters import (
     ContentFilters,
     FilterSummary,
@@ -32,8 +54,11 @@ from hermes.data.filters import (
     mix,
 )
 from hermes.data.packing import fit_sample, gc_paused
-from hermes.data.records import read_conversations, read_preference_pairs
+from hermes.data.records import RECORD_FIELDS, parse_conversation, parse_preference_pair, shard_records
 from hermes.data.sample import Sample
+from hermes.data.sources import Shard, data_files, read_shards
+from hermes.data.template_chat import TemplateChatFormat
+from hermes.data.workers import available_cpus, ordered_map
 
 CACHE_FORMAT = 4
 """Bump when the cached layout or the rendering changes, so old caches are not reused."""
@@ -41,23 +66,19 @@ CACHE_FORMAT = 4
 REPORT_FILES = ("filter_summary.json", "mixture_summary.json")
 """Files copied from the cache into the run directory."""
 
-T = TypeVar("T")
-
 CHUNK_RECORDS = 1024
-"""Records read, then filtered, then rendered together. Running each stage over a chunk rather than one
-record at a time keeps its code and data (the tokenizer's rank table) in the CPU caches: the build is about
-a fifth faster, and memory stays bounded."""
+"""Records per shard: the unit a worker reads, filters, renders, tokenizes and writes in one go. Running
+each stage over a shard rather than one record at a time keeps its code and data (the tokenizer's rank
+table) in the CPU caches, which makes the build about a fifth faster; the shard is also what memory holds
+of the corpus at a time (see the module docstring). The result does not depend on it."""
+
+ChatLike = ChatFormat | TemplateChatFormat
+RecordStream = Iterable[tuple[str, dict]]
 
 
 def bundled_example(name: str) -> Path:
     """Path of a bundled example file: "sft.jsonl" or "preference.jsonl"."""
     return Path(str(resources.files("hermes.data.examples") / name))
-
-
-def _chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
-    """Consecutive lists of `size` items (the last one shorter), read from `items` as they are needed."""
-    iterator = iter(items)
-    return iter(lambda: list(itertools.islice(iterator, size)), [])
 
 
 def _file_digest(path: Path) -> str:
@@ -68,8 +89,9 @@ def _file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def cache_key(paths: list[Path], chat: ChatFormat, options: DataConfig, seed: int) -> str:
-    """Digest of everything the tokenized result depends on (the seed only matters with a mixture)."""
+def cache_key(paths: list[Path], chat: ChatLike, options: DataConfig, seed: int) -> str:
+    """Digest of everything the tokenized result depends on (the seed only matters with a mixture; the
+    number of workers never does)."""
     tokenizer = chat.tokenizer
     key = {
         "format": CACHE_FORMAT,
@@ -83,18 +105,18 @@ def cache_key(paths: list[Path], chat: ChatFormat, options: DataConfig, seed: in
         if Path(tokenizer.source).is_file()
         else tokenizer.source,
         "chat": sorted(chat.special_tokens.items()),
-        "options": {k: v for k, v in dataclasses.asdict(options).items() if k not in ("train", "cache_dir")},
+        "options": {
+            k: v for k, v in dataclasses.asdict(options).items() if k not in ("train", "cache_dir", "workers")
+        },
         "mixture_seed": seed if options.mixture else None,
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
 
 
-@dataclasses.dataclass
-class BuiltSamples:
-    """What a builder (`build_sft_samples`, `build_preference_samples`) keeps, and its account of what it
-    did to the records."""
+@dataclass
+class BuildReport:
+    """A build's account of what it did to the records."""
 
-    samples: list[Sample]
     summary: FilterSummary
     """Records and samples seen, kept and dropped per reason, per stage, and the samples the seq_len stage
     truncated."""
@@ -119,46 +141,50 @@ class BuiltSamples:
         (directory / "summary.txt").write_text(self.format() + "\n")
 
 
-def build_sft_samples(paths: list[Path], chat: ChatFormat, options: DataConfig, seed: int) -> BuiltSamples:
-    """Read, filter, render, fit to seq_len, filter by tokens and mix; every drop is counted.
+@dataclass
+class BuiltSamples(BuildReport):
+    """What an in-memory builder (`build_sft_samples`, `build_preference_samples`) keeps, and its report."""
+
+    samples: list[Sample]
+
+
+def sft_shard(
+    records: RecordStream, chat: ChatLike, options: DataConfig
+) -> tuple[list[Sample], FilterSummary]:
+    """Parse, filter, render, fit to seq_len and filter by tokens the records of one shard; every drop is
+    counted in the returned summary.
 
     The token filters run after fitting, so a sample truncated to its untrained prompt is dropped as
     `no_trained_tokens`.
     """
     summary = FilterSummary()
-    filters = ContentFilters() if options.drop_refusals else ContentFilters(refusal_phrases=())
-    kept: list[Sample] = []
-    with gc_paused():  # records, token lists and samples hold no cycles
-        for chunk in _chunks(read_conversations(paths), CHUNK_RECORDS):
-            conversations = list(filter_conversations(chunk, summary, filters))
-            samples = [chat.render(conversation) for conversation in conversations]
-            fitted = []
-            for conversation, sample in zip(conversations, samples):
-                fitted_sample = fit_sample(sample, options.seq_len, options.overlong)
-                reason = "longer_than_seq_len" if fitted_sample is None else None
-                truncated = fitted_sample is not None and fitted_sample is not sample
-                summary.add("seq_len", conversation.source, reason, truncated=truncated)
-                if fitted_sample is not None:
-                    fitted.append((conversation.source, fitted_sample))
-            kept += [s for _, s in filter_samples(fitted, summary, options.min_tokens, options.max_tokens)]
-    mixture = None
-    if options.mixture:
-        mixture = mix([s.category for s in kept], [len(s) for s in kept], options.mixture, seed)
-        kept = [kept[i] for i in mixture.indices]
-    return BuiltSamples(kept, summary, mixture)
+    conversations = [parse_conversation(record, source) for source, record in records]
+    kept = list(filter_conversations(conversations, summary, _content_filters(options)))
+    fitted = []
+    for conversation in kept:
+        sample = chat.render(conversation)
+        fitted_sample = fit_sample(sample, options.seq_len, options.overlong)
+        reason = "longer_than_seq_len" if fitted_sample is None else None
+        truncated = fitted_sample is not None and fitted_sample is not sample
+        summary.add("seq_len", conversation.source, reason, truncated=truncated)
+        if fitted_sample is not None:
+            fitted.append((conversation.source, fitted_sample))
+    samples = [s for _, s in filter_samples(fitted, summary, options.min_tokens, options.max_tokens)]
+    return samples, summary
 
 
-def build_preference_samples(
-    paths: list[Path], chat: ChatFormat, options: DataConfig, seed: int
-) -> BuiltSamples:
-    """Read and filter preference pairs and render each as its (chosen, rejected) samples, interleaved:
-    sample 2k is pair k's chosen side, 2k + 1 its rejected side. Both sides of a pair train in one packed
-    row, so a pair longer than seq_len in total is dropped (never truncated: a cut response would
-    compare unlike with unlike); a pair with a side that has no trained token is dropped too."""
+def preference_shard(
+    records: RecordStream, chat: ChatLike, options: DataConfig
+) -> tuple[list[Sample], FilterSummary]:
+    """Parse and filter the preference pairs of one shard and render each as its (chosen, rejected)
+    samples, interleaved: sample 2k is pair k's chosen side, 2k + 1 its rejected side. Both sides of a pair
+    train in one packed row, so a pair longer than seq_len in total is dropped (never truncated: a cut
+    response would compare unlike with unlike); a pair with a side that has no trained token is dropped
+    too."""
     summary = FilterSummary()
-    filters = ContentFilters() if options.drop_refusals else ContentFilters(refusal_phrases=())
-    kept: list[Sample] = []
-    for pair in filter_pairs(read_preference_pairs(paths), summary, filters):
+    pairs = [parse_preference_pair(record, source) for source, record in records]
+    samples: list[Sample] = []
+    for pair in filter_pairs(pairs, summary, _content_filters(options)):
         chosen, rejected = chat.render_preference(pair)
         reason = None
         if len(chosen) + len(rejected) > options.seq_len:
@@ -167,34 +193,126 @@ def build_preference_samples(
             reason = "no_trained_tokens"
         summary.add("pairs", pair.source, reason)
         if reason is None:
-            kept += [chosen, rejected]
-    return BuiltSamples(kept, summary, None)
+            samples += [chosen, rejected]
+    return samples, summary
+
+
+ShardBuilder = Callable[[RecordStream, ChatLike, DataConfig], tuple[list[Sample], FilterSummary]]
+SHARD_BUILDERS: dict[str, ShardBuilder] = {"sft": sft_shard, "preference": preference_shard}
+"""Dataset kind -> the function that turns one shard of records into samples."""
+
+
+def build_sft_samples(
+    paths: Sequence[str | os.PathLike], chat: ChatLike, options: DataConfig, seed: int
+) -> BuiltSamples:
+    """Every SFT sample of `paths` in memory, shard by shard as `sft_shard` builds them, then mixed
+    (`data.mixture`); every drop is counted. The cache holds the same samples (`prepare_sft_dataset`)."""
+    samples, summary = _in_memory(sft_shard, paths, chat, options)
+    mixture = _mixture([s.category for s in samples], [len(s) for s in samples], options, seed)
+    if mixture is not None:
+        samples = [samples[i] for i in mixture.indices]
+    return BuiltSamples(summary=summary, mixture=mixture, samples=samples)
+
+
+def build_preference_samples(
+    paths: Sequence[str | os.PathLike], chat: ChatLike, options: DataConfig, seed: int
+) -> BuiltSamples:
+    """Every preference sample of `paths` in memory, as `preference_shard` builds them (no mixture)."""
+    samples, summary = _in_memory(preference_shard, paths, chat, options)
+    return BuiltSamples(summary=summary, mixture=None, samples=samples)
+
+
+def _in_memory(
+    builder: ShardBuilder, paths: Sequence[str | os.PathLike], chat: ChatLike, options: DataConfig
+) -> tuple[list[Sample], FilterSummary]:
+    summary = FilterSummary()
+    samples: list[Sample] = []
+    with gc_paused():  # records, token lists and samples hold no cycles
+        for shard in read_shards(data_files(paths), CHUNK_RECORDS, RECORD_FIELDS):
+            shard_samples, shard_summary = builder(shard_records(shard), chat, options)
+            samples += shard_samples
+            summary.merge(shard_summary)
+    return samples, summary
+
+
+def _content_filters(options: DataConfig) -> ContentFilters:
+    return ContentFilters() if options.drop_refusals else ContentFilters(refusal_phrases=())
+
+
+def _mixture(
+    categories: Sequence[str], lengths: Sequence[int], options: DataConfig, seed: int
+) -> Mixture | None:
+    return mix(categories, lengths, options.mixture, seed) if options.mixture else None
+
+
+def portable_chat(chat: ChatLike) -> Callable[[], ChatLike]:
+    """A picklable recipe that builds `chat` again, in a worker process. A chat format holds memo closures
+    (and a compiled Jinja template) that do not pickle; its tokenizer does (tiktoken's Encoding and
+    SentencePiece's processor pickle), and the rest follows from a few of its fields."""
+    if isinstance(chat, TemplateChatFormat):
+        return functools.partial(
+            TemplateChatFormat,
+            chat.tokenizer,
+            chat.chat_template,
+            template_source=chat.source,
+            special_token_text=chat._variables,  # the template's variables: the names given, completed
+        )
+    return functools.partial(
+        ChatFormat, chat.tokenizer, chat.special_tokens, default_system_prompt=chat.default_system_prompt
+    )
+
+
+@dataclass(frozen=True)
+class ShardResult:
+    """What a worker sends back for one shard: its samples are in `path` (hermes.data.dataset.save_shard)."""
+
+    path: Path
+    lengths: np.ndarray
+    categories: list[str]
+    summary: FilterSummary
+
+
+class ShardTokenizer:
+    """Builds the samples of one (index, shard) and writes them to `directory`/<index>.npy. Pickles as a
+    recipe: the chat format is rebuilt on the other side (`portable_chat`)."""
+
+    def __init__(self, kind: str, chat: ChatLike, options: DataConfig, directory: Path) -> None:
+        self.kind, self.chat, self.options, self.directory = kind, chat, options, directory
+
+    def __call__(self, job: tuple[int, Shard]) -> ShardResult:
+        index, shard = job
+        with gc_paused():  # records, token lists and samples hold no cycles
+            samples, summary = SHARD_BUILDERS[self.kind](shard_records(shard), self.chat, self.options)
+        path = self.directory / f"{index:08d}.npy"
+        lengths = save_shard(path, samples)
+        return ShardResult(path, lengths, [s.category for s in samples], summary)
+
+    def __getstate__(self) -> dict:
+        return {**vars(self), "chat": portable_chat(self.chat)}
+
+    def __setstate__(self, state: dict) -> None:
+        vars(self).update(state, chat=state["chat"]())
 
 
 def prepare_sft_dataset(
-    chat: ChatFormat, options: DataConfig, seed: int, cache_root: Path, report_dir: Path | None = None
+    chat: ChatLike, options: DataConfig, seed: int, cache_root: Path, report_dir: Path | None = None
 ) -> Path:
     """Build (or find) the cached SFT dataset (data.train, default: the bundled sft.jsonl) and return its
-    directory. See `_prepare`."""
-    return _prepare("sft", build_sft_samples, chat, options, seed, cache_root, report_dir)
+    directory: the samples of `build_sft_samples`. See `_prepare`."""
+    return _prepare("sft", chat, options, seed, cache_root, report_dir)
 
 
 def prepare_preference_dataset(
-    chat: ChatFormat, options: DataConfig, seed: int, cache_root: Path, report_dir: Path | None = None
+    chat: ChatLike, options: DataConfig, seed: int, cache_root: Path, report_dir: Path | None = None
 ) -> Path:
     """Build (or find) the cached preference dataset (data.train, default: the bundled preference.jsonl)
-    as interleaved (chosen, rejected) samples, and return its directory. See `_prepare`."""
-    return _prepare("preference", build_preference_samples, chat, options, seed, cache_root, report_dir)
+    as interleaved (chosen, rejected) samples, the samples of `build_preference_samples`, and return its
+    directory. See `_prepare`."""
+    return _prepare("preference", chat, options, seed, cache_root, report_dir)
 
 
 def _prepare(
-    kind: str,
-    builder: Callable[[list[Path], ChatFormat, DataConfig, int], BuiltSamples],
-    chat: ChatFormat,
-    options: DataConfig,
-    seed: int,
-    cache_root: Path,
-    report_dir: Path | None,
+    kind: str, chat: ChatLike, options: DataConfig, seed: int, cache_root: Path, report_dir: Path | None
 ) -> Path:
     """Build (or find) a cached dataset of `kind` and return its directory.
 
@@ -202,24 +320,23 @@ def _prepare(
     mixture, mixture_summary.json from the cache into `report_dir`.
 
     Raises:
-        FileNotFoundError: a data file does not exist.
+        FileNotFoundError, ValueError: a data.train entry that is missing or of no accepted form.
     """
-    paths = [Path(p) for p in options.train] or [bundled_example(f"{kind}.jsonl")]
-    for path in paths:
-        if not path.is_file():
-            raise FileNotFoundError(f"Training data {path} not found; set data.train to existing JSONL files")
-    directory = cache_root / f"{kind}-{cache_key(paths, chat, options, seed)}"
+    entries = [Path(p) for p in options.train] or [bundled_example(f"{kind}.jsonl")]
+    files = data_files(entries)
+    directory = cache_root / f"{kind}-{cache_key(files, chat, options, seed)}"
     if not (directory / "filter_summary.json").is_file():
-        built = builder(paths, chat, options, seed)
         partial = directory.with_name(f"{directory.name}.partial-{os.getpid()}")
-        TokenizedDataset.from_samples(built.samples).save(partial)
-        built.write(partial)
+        shutil.rmtree(partial, ignore_errors=True)
+        try:
+            samples, report = _build_cache(kind, files, chat, options, seed, partial)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+        report.write(partial)
         shutil.rmtree(directory, ignore_errors=True)
         partial.rename(directory)
-        print(
-            f"Tokenized {len(built.samples)} samples from {', '.join(map(str, paths))} into {directory}",
-            flush=True,
-        )
+        print(f"Tokenized {samples} samples from {', '.join(map(str, entries))} into {directory}", flush=True)
     else:
         print(f"Using tokenized cache {directory}", flush=True)
     print((directory / "summary.txt").read_text(), flush=True)
@@ -231,3 +348,29 @@ def _prepare(
             else:  # a mixture summary left by an earlier run with a mixture
                 (report_dir / name).unlink(missing_ok=True)
     return directory
+
+
+def _build_cache(
+    kind: str, files: list[Path], chat: ChatLike, options: DataConfig, seed: int, directory: Path
+) -> tuple[int, BuildReport]:
+    """Tokenize `files` shard by shard in `data.workers` processes into shard files, then assemble the
+    cache in `directory` from them; returns the number of samples and the report."""
+    shards = directory / "shards"
+    shards.mkdir(parents=True)
+    tokenize = ShardTokenizer(kind, chat, options, shards)
+    jobs = enumerate(read_shards(files, CHUNK_RECORDS, RECORD_FIELDS))
+    summary = FilterSummary()
+    paths, lengths, categories = [], [], []
+    names: dict[str, str] = {}  # one string object per category, however many samples share it
+    for result in ordered_map(tokenize, jobs, options.workers or available_cpus()):
+        summary.merge(result.summary)
+        paths.append(result.path)
+        lengths.append(result.lengths)
+        categories += [names.setdefault(c, c) for c in result.categories]
+    every = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
+    # Preference pairs are never mixed: a mixture would split pairs (as in build_preference_samples).
+    mixture = _mixture(categories, every.tolist(), options, seed) if kind == "sft" else None
+    select = None if mixture is None else np.array(mixture.indices, dtype=np.int64)
+    samples = assemble_shards(directory, paths, lengths, categories, select)
+    shutil.rmtree(shards)
+    return samples, BuildReport(summary=summary, mixture=mixture)

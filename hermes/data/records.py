@@ -1,6 +1,10 @@
-"""Reading training records from JSONL files into Conversations and PreferencePairs.
+"""Reading training records into Conversations and PreferencePairs.
 
-One JSON object per line; blank lines are skipped. Files are streamed line by line, never loaded whole.
+Records come from JSONL, Parquet and Arrow files and saved `datasets` directories (hermes.data.sources, which
+cuts them into shards). A JSONL file holds one JSON object per line; blank lines are skipped. A Parquet or
+Arrow row is the same object, one column per top-level key. Files are streamed shard by shard, never
+loaded whole. A record's source, in errors and filter summaries, is "path:line" (1-based) for JSONL and
+"path:row N" (0-based, as `datasets` indexes rows) for Parquet and Arrow.
 
 Record forms:
 
@@ -26,7 +30,7 @@ text parts is joined.
 
 Error policy:
 
-- Format problems are hard errors (RecordError, naming file:line, the field and the fix): a line that is not
+- Format problems are hard errors (RecordError, naming the source, the field and the fix): a line that is not
   valid UTF-8 JSON or not an object; neither or both of the turn lists; a missing or mistyped field; an unknown
   role; content that is not a string; a tool schema without a name; a preference record read as a
   conversation. They mean the file is not what the reader takes it for, so nothing after it can be trusted.
@@ -44,6 +48,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from hermes.data.conversation import Conversation, Message, PreferencePair
+from hermes.data.sources import ArrowShard, Shard, data_files, read_shards
 from hermes.data.tool_prompt import tojson
 
 ROLE_ALIASES = {
@@ -56,7 +61,13 @@ ROLE_ALIASES = {
 }
 """Accepted role names (ShareGPT "from" or OpenAI "role") -> the role of hermes.data.conversation.ROLES."""
 
+RECORD_FIELDS = ("conversations", "messages", "prompt", "chosen", "rejected", "tools", "category")
+"""The top-level keys a record is read from (the columns loaded from Parquet and Arrow files)."""
+
 Paths = str | os.PathLike | Iterable[str | os.PathLike]
+
+READ_RECORDS = 1024
+"""Records `iter_records` reads from a file at a time."""
 
 _DECODER = json.JSONDecoder()
 _JSON_WHITESPACE = " \t\n\r"
@@ -64,53 +75,67 @@ _JSON_WHITESPACE = " \t\n\r"
 
 
 class RecordError(ValueError):
-    """A record that cannot be read. The message names `source` ("path:line"), the field and the fix."""
+    """A record that cannot be read. The message names `source` ("path:line" or "path:row N"), the field
+    and the fix."""
 
     def __init__(self, source: str, field: str, problem: str, fix: str) -> None:
-        self.source, self.field = source, field
+        self.source, self.field, self.problem, self.fix = source, field, problem, fix
         where = f"{source}: field {field!r}" if field else source
         super().__init__(f"{where}: {problem}. Fix: {fix}")
 
+    def __reduce__(self) -> tuple[type[RecordError], tuple[str, str, str, str]]:
+        """Pickle by the constructor's arguments (an error raised in a worker process reaches the caller)."""
+        return type(self), (self.source, self.field, self.problem, self.fix)
+
 
 def iter_records(paths: Paths) -> Iterator[tuple[str, dict[str, Any]]]:
-    """Stream the JSON objects of one or several JSONL files, in order.
+    """Stream the records of data files, in order.
 
     Args:
-        paths: a path, or an iterable of paths.
+        paths: a path, or an iterable of paths: files and directories of the forms hermes.data.sources
+            accepts.
 
     Returns:
-        An iterator of (source, record) with source = "path:line" (1-based line; blank lines skipped).
+        An iterator of (source, record), source as in the module docstring.
 
     Raises:
-        RecordError: a line is not valid UTF-8, not valid JSON, or not a JSON object.
+        FileNotFoundError, ValueError: a path that is missing or of no accepted form (`data_files`).
+        RecordError: a JSONL line that is not valid UTF-8, not valid JSON, or not a JSON object.
     """
-    for path in [paths] if isinstance(paths, str | os.PathLike) else paths:
-        name = os.fspath(path)
-        with open(path, "rb") as lines:
-            for number, raw in enumerate(lines, 1):
-                source = f"{name}:{number}"
-                try:
-                    text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
-                except UnicodeDecodeError as error:
-                    raise RecordError(
-                        source, "", f"not valid UTF-8 ({error})", "save the file as UTF-8"
-                    ) from None
-                if not text or text.isspace():
-                    continue
-                try:
-                    record = _load_json_line(text)
-                except json.JSONDecodeError as error:
-                    raise RecordError(
-                        source, "", f"not valid JSON ({error})", "write exactly one JSON object per line"
-                    ) from None
-                if not isinstance(record, dict):
-                    raise RecordError(
-                        source,
-                        "",
-                        f"expected a JSON object, got {_kind(record)}",
-                        "write one JSON object per line",
-                    )
-                yield source, record
+    files = data_files([paths] if isinstance(paths, str | os.PathLike) else paths)
+    for shard in read_shards(files, READ_RECORDS, RECORD_FIELDS):
+        yield from shard_records(shard)
+
+
+def shard_records(shard: Shard) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Decode the records of one shard (hermes.data.sources): (source, record) pairs.
+
+    Raises:
+        RecordError: a JSONL line that is not valid UTF-8, not valid JSON, or not a JSON object.
+    """
+    if isinstance(shard, ArrowShard):
+        for row, record in enumerate(shard.rows(), shard.first_row):
+            yield f"{shard.path}:row {row}", record
+        return
+    for number, raw in enumerate(shard.lines, shard.first_line):
+        source = f"{shard.path}:{number}"
+        try:
+            text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+        except UnicodeDecodeError as error:
+            raise RecordError(source, "", f"not valid UTF-8 ({error})", "save the file as UTF-8") from None
+        if not text or text.isspace():
+            continue
+        try:
+            record = _load_json_line(text)
+        except json.JSONDecodeError as error:
+            raise RecordError(
+                source, "", f"not valid JSON ({error})", "write exactly one JSON object per line"
+            ) from None
+        if not isinstance(record, dict):
+            raise RecordError(
+                source, "", f"expected a JSON object, got {_kind(record)}", "write one JSON object per line"
+            )
+        yield source, record
 
 
 def _load_json_line(text: str) -> Any:
@@ -125,20 +150,20 @@ def _load_json_line(text: str) -> Any:
 
 
 def read_conversations(paths: Paths) -> Iterator[Conversation]:
-    """Stream the Conversations of ShareGPT / OpenAI JSONL files (see the module docstring).
+    """Stream the Conversations of ShareGPT / OpenAI records (see the module docstring).
 
     Raises:
-        RecordError: on the first format problem, naming file, line, field and fix.
+        RecordError: on the first format problem, naming the source, field and fix.
     """
     for source, record in iter_records(paths):
         yield parse_conversation(record, source)
 
 
 def read_preference_pairs(paths: Paths) -> Iterator[PreferencePair]:
-    """Stream the PreferencePairs of preference JSONL files (see the module docstring).
+    """Stream the PreferencePairs of preference records (see the module docstring).
 
     Raises:
-        RecordError: on the first format problem, naming file, line, field and fix.
+        RecordError: on the first format problem, naming the source, field and fix.
     """
     for source, record in iter_records(paths):
         yield parse_preference_pair(record, source)
@@ -263,7 +288,7 @@ def parse_messages(value: Any, source: str, field: str = "messages") -> tuple[Me
 
     Args:
         value: the list.
-        source: where it comes from ("path:line"), for errors.
+        source: where it comes from ("path:line" or "path:row N"), for errors.
         field: its field name, for errors.
 
     Raises:
