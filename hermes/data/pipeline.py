@@ -60,7 +60,7 @@ from hermes.data.sources import Shard, data_files, read_shards
 from hermes.data.template_chat import TemplateChatFormat
 from hermes.data.workers import available_cpus, ordered_map
 
-CACHE_FORMAT = 4
+CACHE_FORMAT = 5
 """Bump when the cached layout or the rendering changes, so old caches are not reused."""
 
 REPORT_FILES = ("filter_summary.json", "mixture_summary.json")
@@ -100,6 +100,8 @@ def cache_key(paths: list[Path], chat: ChatLike, options: DataConfig, seed: int)
             type(tokenizer).__name__,
             tokenizer.vocab_size,
             sorted(tokenizer.special_tokens.items()),
+            # tokenizer_config.json may move them without touching the tokenizer file
+            [tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id],
         ],
         "tokenizer_file": _file_digest(Path(tokenizer.source))
         if Path(tokenizer.source).is_file()
