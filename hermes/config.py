@@ -135,6 +135,9 @@ class TrainConfig:
     )
     async_checkpoint: bool = _opt(False, "Write checkpoints in the background while training goes on.")
     export_hf: bool = _opt(True, "Write a Hugging Face directory (<run dir>/hf) at the end.")
+    export_fp8: bool = _opt(
+        False, "Also write an FP8 (compressed-tensors FP8_DYNAMIC) directory (<run dir>/fp8) at the end."
+    )
 
 
 @dataclass

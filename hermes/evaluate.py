@@ -1,7 +1,7 @@
 """Multiple-choice evaluation by log-likelihood, scored the way lm-evaluation-harness scores ARC, HellaSwag and
 PIQA.
 
-    python -m hermes.evaluate --model DIR [--adapter DIR] ITEMS.jsonl [--json]
+    python -m hermes.evaluate --model DIR [--adapter DIR] ITEMS.jsonl [--json] [--fp8 | --compare-fp8]
 
 Each line of ITEMS.jsonl is an item {"context": str, "choices": [str, ...], "answer": int}. Every choice is
 scored as the log-probability of its tokens after the context: BOS, the context, then the choice, with the text
@@ -15,6 +15,11 @@ text after the context's own tokens.
   as given, before any moved whitespace) — lm-eval's `acc_norm`; its `acc_bytes` would divide by UTF-8 bytes.
 
 All choices of an item go through the model in one batched forward pass.
+
+`--fp8` scores the model as its FP8 export runs (hermes.model.fp8_linear: float8 block projections with
+per-channel scales, activations quantised per token; LoRA adapters merged first). `--compare-fp8` scores
+the model as loaded and then its FP8 simulation, and prints them side by side with the mean change of
+each choice's log-likelihood and the size of the FP8 export against the 16-bit one.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -34,6 +40,8 @@ from hermes.data.sample import IGNORE_INDEX
 from hermes.data.tokenizer import Tokenizer
 from hermes.generate import load_chat_format, load_model
 from hermes.model import Llama
+from hermes.model.fp8_checkpoint import export_bytes
+from hermes.model.fp8_linear import apply_fp8
 
 
 @dataclass(frozen=True)
@@ -147,19 +155,70 @@ def accuracy(scores: Sequence[ItemScore]) -> dict[str, float]:
     }
 
 
-def main(argv: list[str] | None = None) -> dict[str, float]:
-    """Score an items file; print the accuracies (or, with --json, a JSON report with every item's scores)."""
+def compare_fp8(model: Llama, tokenizer: Tokenizer, items: Sequence[Item]) -> dict[str, Any]:
+    """Score `items` with `model`, then with its FP8 simulation (the model's projections are swapped in place).
+
+    Returns:
+        {"items", "dtype": the model's dtype, "reference" and "fp8": their `accuracy`,
+        "mean_logprob_change": the mean over all choices of (FP8 - reference) summed log-probability,
+        "size_ratio": FP8 export bytes / 16-bit export bytes (`export_bytes`), "scores": per item, both}.
+    """
+    reference = [score_item(model, tokenizer, item) for item in items]
+    dense_bytes, fp8_bytes = export_bytes(model)
+    dtype = str(model.output.weight.dtype).removeprefix("torch.")
+    apply_fp8(model)
+    quantized = [score_item(model, tokenizer, item) for item in items]
+    changes = [q - r for a, b in zip(quantized, reference) for q, r in zip(a.logprobs, b.logprobs)]
+    return {
+        "items": len(items),
+        "dtype": dtype,
+        "reference": accuracy(reference),
+        "fp8": accuracy(quantized),
+        "mean_logprob_change": sum(changes) / len(changes),
+        "size_ratio": fp8_bytes / dense_bytes,
+        "scores": [
+            {"reference": r.logprobs, "fp8": q.logprobs, "answer": r.answer}
+            for r, q in zip(reference, quantized)
+        ],
+    }
+
+
+def format_comparison(comparison: dict[str, Any], source: str) -> str:
+    """The rows `--compare-fp8` prints: the 16-bit model and its FP8 simulation side by side."""
+    ref, fp8 = comparison["reference"], comparison["fp8"]
+    return "\n".join(
+        [
+            f"{source}: {comparison['items']} items",
+            f"{'weights':<10} {'acc':>7} {'acc_norm':>9} {'mean dlogp':>11} {'size':>7}",
+            f"{comparison['dtype']:<10} {ref['acc']:>7.4f} {ref['acc_norm']:>9.4f} {0.0:>11.4f} {1.0:>7.3f}",
+            f"{'fp8':<10} {fp8['acc']:>7.4f} {fp8['acc_norm']:>9.4f} "
+            f"{comparison['mean_logprob_change']:>11.4f} {comparison['size_ratio']:>7.3f}",
+            "mean dlogp: mean change of a choice's summed log-likelihood; size: export bytes over the first row's",
+        ]
+    )
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Score an items file; print the accuracies (or, with --json, a JSON report with every item's scores);
+    with --compare-fp8, print (and return) `compare_fp8`'s comparison instead."""
     parser = argparse.ArgumentParser(prog="python -m hermes.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="run directory or checkpoint directory")
     parser.add_argument("--adapter", help="PEFT LoRA adapter directory to apply on top")
     parser.add_argument("items", help="JSONL file of multiple-choice items")
     parser.add_argument("--json", action="store_true", help="print a JSON report")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    fp8 = parser.add_mutually_exclusive_group()
+    fp8.add_argument("--fp8", action="store_true", help="score the FP8 simulation of the model")
+    fp8.add_argument("--compare-fp8", action="store_true", help="score the model and its FP8 simulation")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     items = read_items(args.items)
-    model = load_model(args.model, args.adapter, device=args.device)
+    model = load_model(args.model, args.adapter, device=args.device, fp8=args.fp8)
     tokenizer = load_chat_format(args.model).tokenizer
     check_vocabulary(tokenizer, model.config.vocab_size, str(args.model))
+    if args.compare_fp8:
+        comparison = compare_fp8(model, tokenizer, items)
+        print(json.dumps(comparison) if args.json else format_comparison(comparison, args.items))
+        return comparison
     scores = [score_item(model, tokenizer, item) for item in items]
     result = {"items": len(scores), **accuracy(scores)}
     if args.json:

@@ -1,8 +1,10 @@
 """Convert an exported model directory to other serving formats.
 
     python -m hermes.export gguf RUN_DIR/hf OUT.gguf [--type f16|bf16|q8_0]
+    python -m hermes.export fp8 RUN_DIR/hf OUT_DIR
 
-`gguf` writes one llama.cpp file (weights, tokenizer, chat template; see hermes.model.gguf). Each format is
+`gguf` writes one llama.cpp file (weights, tokenizer, chat template; see hermes.model.gguf). `fp8` writes a
+compressed-tensors FP8_DYNAMIC directory that vLLM serves (see hermes.parallel.sharded_fp8). Each format is
 a subcommand: `add_parser` functions register them, each with its own handler.
 """
 
@@ -38,6 +40,25 @@ def _run_gguf(args: argparse.Namespace) -> str:
     return f"Wrote {path} ({args.type})"
 
 
+def _add_fp8(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "fp8",
+        help="an FP8 (compressed-tensors FP8_DYNAMIC) directory from a Hugging Face Llama directory",
+        description="Write a Hugging Face Llama directory as llm-compressor's FP8_DYNAMIC checkpoint: block "
+        "projections in float8_e4m3fn with one scale per output channel, embedding, norms and head as they "
+        "are, with the source's tokenizer files and chat template; vLLM serves it as it is.",
+    )
+    parser.add_argument("source", help="the Hugging Face directory, e.g. runs/tiny-sft/hf")
+    parser.add_argument("output", help="the directory to write")
+    parser.set_defaults(handler=_run_fp8)
+
+
+def _run_fp8(args: argparse.Namespace) -> str:
+    from hermes.parallel.sharded_fp8 import export_fp8_directory  # needs the optional compressed-tensors
+
+    return f"Wrote {export_fp8_directory(args.source, args.output)} (FP8_DYNAMIC, compressed-tensors)"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one export subcommand.
 
@@ -51,6 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hermes.export", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="format", required=True, metavar="FORMAT")
     _add_gguf(commands)
+    _add_fp8(commands)
     args = parser.parse_args(argv)
     try:
         print(args.handler(args))

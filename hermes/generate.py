@@ -1,7 +1,8 @@
 """Generation: loading a trained model, batched decoding with a KV cache, and Hermes tool calls.
 
 - `load_model(source, adapter)`: a run directory (its newest complete DCP checkpoint), a Hugging Face or Meta
-  checkpoint directory, and optionally a PEFT LoRA adapter on top (merged for speed).
+  checkpoint directory or an FP8 export, and optionally a PEFT LoRA adapter on top (merged for speed); with
+  `fp8=True`, the FP8 simulation of it.
 - `generate(model, prompts, ...)`: prompts of different lengths decode together, left-padded, each with its
   positions counted from its own first token; greedy or temperature / top-p sampling; each sequence ends at
   its first stop id.
@@ -26,6 +27,8 @@ from hermes.config import Config, load_run_config
 from hermes.data.chat_files import AnyChatFormat, read_chat_format
 from hermes.data.conversation import Message
 from hermes.model import Llama, LlamaConfig
+from hermes.model.fp8_checkpoint import is_fp8_checkpoint, read_fp8_checkpoint
+from hermes.model.fp8_linear import QuantizedWeight, apply_fp8
 from hermes.model.hf import load_pretrained
 from hermes.model.lora import apply_lora, load_adapter, merge_lora
 from hermes.parallel.checkpoint import checkpointed_model_names, latest_checkpoint, load_model_only
@@ -41,30 +44,41 @@ def load_model(
     adapter: str | os.PathLike | None = None,
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
+    fp8: bool = False,
 ) -> Llama:
     """A model ready for inference (eval mode, no gradients), from a training run or a checkpoint directory.
 
     Args:
         source: a run directory (holding config.toml and checkpoints/step-N): its newest complete checkpoint
             is loaded through DCP into the model that config.toml describes (for a LoRA run, the base named by
-            model.checkpoint plus the checkpoint's adapter, merged); or a Hugging Face / Meta checkpoint
-            directory (`hermes.model.hf.load_pretrained`).
+            model.checkpoint plus the checkpoint's adapter, merged); a Hugging Face / Meta checkpoint
+            directory (`hermes.model.hf.load_pretrained`); or an FP8 (compressed-tensors) export, whose
+            projections are dequantised (`hermes.model.fp8_checkpoint`).
         adapter: a PEFT LoRA adapter directory to load on top and merge (`hermes.model.lora.load_adapter`).
         device: where the parameters go.
         dtype: floating-point dtype of the parameters; None keeps the checkpoint's.
+        fp8: simulate FP8 inference (`hermes.model.fp8_linear.apply_fp8`): the block projections in float8,
+            quantised from the weights in `dtype` (an FP8 export's own float8 weights when `source` is one
+            and no adapter changes them).
 
     Raises:
         FileNotFoundError: `source` is neither layout, or a run directory without a complete checkpoint.
         ValueError: a checkpoint that does not fit the model its run's config.toml describes.
     """
     source = Path(source)
+    stored: dict[str, QuantizedWeight] = {}
     if (source / RUN_CONFIG_FILE).is_file():
         model = _load_run(source)
+    elif is_fp8_checkpoint(source):
+        checkpoint = read_fp8_checkpoint(source)
+        model, stored = checkpoint.dequantized_model(), checkpoint.quantized
     else:
         model = load_pretrained(source)
     if adapter is not None:
-        model = merge_lora(load_adapter(model, adapter))
+        model, stored = merge_lora(load_adapter(model, adapter)), {}
     model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    if fp8:
+        apply_fp8(model, stored)
     return model
 
 

@@ -1,13 +1,15 @@
 """Generate replies in the Hermes ChatML format: one-shot for a batch of prompts, or an interactive chat.
 
     python launch/generate.py --model DIR [--adapter DIR] [--system TEXT] [--tools FILE]
-        [--prompt TEXT ...] [--max-new-tokens N] [--temperature T] [--top-p P] [--seed S] [--device D]
+        [--prompt TEXT ...] [--max-new-tokens N] [--temperature T] [--top-p P] [--seed S] [--device D] [--fp8]
 
 --model is a training run directory (its newest checkpoint), or a Hugging Face / Meta checkpoint directory;
 --adapter adds a PEFT LoRA adapter. With --prompt, each prompt is one user message and all replies are
 generated in one batch, printed with their parsed tool calls. Without, it chats on stdin: when the model calls
 tools, it asks for each call's result (a line of JSON or text) and feeds the results back as a tool turn.
-Runs on CPU when there is no GPU.
+Runs on CPU when there is no GPU. --fp8 generates with the FP8 simulation of the model (float8 block
+projections, activations quantised per token: how its FP8 export is served); --model may also be an FP8
+export.
 """
 
 from __future__ import annotations
@@ -39,6 +41,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
     parser.add_argument("--seed", type=int, default=None, help="seed of sampling")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--fp8", action="store_true", help="simulate FP8 inference (as the FP8 export serves)"
+    )
     return parser.parse_args(argv)
 
 
@@ -101,7 +106,7 @@ def chat_loop(session: ChatSession, read: Callable[[str], str], write: Callable[
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     tools = read_tools(args.tools)
-    model = load_model(args.model, args.adapter, device=args.device)
+    model = load_model(args.model, args.adapter, device=args.device, fp8=args.fp8)
     chat = load_chat_format(args.model)
     check_vocabulary(chat.tokenizer, model.config.vocab_size, str(args.model))
     sampling = Sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed)

@@ -168,10 +168,10 @@ def publish_checkpoint(staging: Path, directory: Path, config: LlamaConfig, dtyp
     hf_config = config.to_hf(torch_dtype=str(dtype).removeprefix("torch."))
     (staging / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
     marker = SAFETENSORS_INDEX if (staging / SAFETENSORS_INDEX).exists() else SAFETENSORS_FILE
-    _publish(staging, directory, marker)
+    publish_staged(staging, directory, marker)
 
 
-def _publish(staging: Path, directory: Path, marker: str) -> None:
+def publish_staged(staging: Path, directory: Path, marker: str) -> None:
     """Move the staged checkpoint into `directory`, the file that completes it (`marker`) last."""
     if not directory.exists():
         os.replace(staging, directory)
@@ -300,12 +300,12 @@ def check_against(
         )
 
 
-def _expected_shapes(config: LlamaConfig) -> dict[str, torch.Size]:
+def expected_shapes(config: LlamaConfig) -> dict[str, torch.Size]:
     with torch.device("meta"):
         return {name: t.shape for name, t in stored_state(Llama(config).state_dict(), config).items()}
 
 
-def _hf_weight_files(directory: Path) -> tuple[dict[str, str], str]:
+def hf_weight_files(directory: Path) -> tuple[dict[str, str], str]:
     """Hugging Face tensor name -> file name, and the file that lists them (index or single file)."""
     index_path = directory / SAFETENSORS_INDEX
     if not index_path.exists():
@@ -354,7 +354,7 @@ def check_hf_tensors(
             shape (all listed, each with its file and both shapes).
     """
     directory = Path(directory)
-    files, listing = _hf_weight_files(directory)
+    files, listing = hf_weight_files(directory)
     stored: dict[str, StoredTensor] = {}
     unexpected: list[StoredTensor] = []
     for file in dict.fromkeys(files.values()):
@@ -380,7 +380,7 @@ def check_hf_tensors(
 
 def _read_hf(directory: Path, device, dtype) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
     config = read_hf_config(directory)
-    stored = check_hf_tensors(directory, _expected_shapes(config))
+    stored = check_hf_tensors(directory, expected_shapes(config))
     state = {}
     for file in dict.fromkeys(s.file for s in stored.values()):
         with open_safetensors(directory / file) as handle:
@@ -418,7 +418,7 @@ def _read_meta(directory: Path, device, dtype) -> tuple[LlamaConfig, dict[str, t
     listing = ", ".join(names)
     stored = {name: StoredTensor(name, tuple(t.shape), listing) for name, t in merged.items()}
     check_against(
-        _expected_shapes(config), stored, [], str, lambda _: f"none of {listing} holds it", directory
+        expected_shapes(config), stored, [], str, lambda _: f"none of {listing} holds it", directory
     )
     state = from_meta_state_dict(merged, config.n_heads, config.n_kv_heads)
     return config, {name: _convert(t, device, dtype) for name, t in state.items()}

@@ -1,6 +1,7 @@
 """Exports written from the shards at the end of a run: the Hugging Face model directory and the PEFT
-adapter, each with the tokenizer files and chat template the run trained with (hermes.data.chat_files).
-Collective: every rank writes the slices it holds; no rank gathers the whole model."""
+adapter, and the FP8 (compressed-tensors) model directory, each with the tokenizer files and chat template the
+run trained with (hermes.data.chat_files). Collective: every rank writes the slices it holds; no rank
+gathers the whole model."""
 
 from __future__ import annotations
 
@@ -41,6 +42,24 @@ def export_adapter(config: Config, chat: AnyChatFormat, net: torch.nn.Module) ->
         _save_hf(config, chat, merge_lora_into_shards(net), config.run_dir / "hf")
     if dist.get_rank() == 0:
         print(f"Exported the adapter to {directory}", flush=True)
+    return directory
+
+
+def export_fp8(config: Config, chat: AnyChatFormat, net: torch.nn.Module) -> Path | None:
+    """Write the trained model in FP8 (<run dir>/fp8, hermes.parallel.sharded_fp8) when train.export_fp8 is
+    set, with the tokenizer and chat template; LoRA adapters are merged into the shards first (the model is
+    not trainable after). Collective: each rank quantises and writes the rows it holds."""
+    if not config.train.export_fp8:
+        return None
+    from hermes.parallel.sharded_fp8 import save_sharded_fp8  # needs the optional compressed-tensors package
+
+    directory = config.run_dir / "fp8"
+    net = merge_lora_into_shards(net)
+    net.config = net.config.replace(bos_token_id=chat.tokenizer.bos_id, eos_token_id=chat.end_of_turn)
+    save_sharded_fp8(net, directory)
+    if dist.get_rank() == 0:
+        save_chat_format(chat, directory, base_tokenizer_config=_base_tokenizer_config(config))
+        print(f"Exported the FP8 model to {directory}", flush=True)
     return directory
 
 

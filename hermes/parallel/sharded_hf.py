@@ -39,10 +39,10 @@ from hermes.model.llama import Llama
 from hermes.parallel.materialize import base_weights
 
 # Where HuggingFaceStorageWriter puts each rank's own files before joining them.
-_RANK_FILES_DIR = "sharded"
+RANK_FILES_DIR = "sharded"
 # The writer names the joined files model-0000K-of-0000M.safetensors, as `plan_shard_files` names several;
 # a single one is renamed model.safetensors (and its index dropped), as `save_pretrained` writes it.
-_JOINED_SINGLE_FILE = "model-00001-of-00001.safetensors"
+JOINED_SINGLE_FILE = "model-00001-of-00001.safetensors"
 
 
 def load_sharded(model: nn.Module, directory: str | os.PathLike) -> None:
@@ -78,7 +78,7 @@ def save_sharded(model: Llama, directory: str | os.PathLike, max_shard_bytes: in
     files = plan_shard_files(state, max_shard_bytes)
     file_index = {name: k for k, names in enumerate(files.values(), start=1) for name in names}
     directory = Path(directory)
-    staging = _shared_staging_directory(directory)
+    staging = shared_staging_directory(directory)
     try:
         writer = HuggingFaceStorageWriter(
             str(staging),
@@ -89,9 +89,9 @@ def save_sharded(model: Llama, directory: str | os.PathLike, max_shard_bytes: in
         )
         dcp.save(state, storage_writer=writer)
         if is_writer():
-            shutil.rmtree(staging / _RANK_FILES_DIR)
+            shutil.rmtree(staging / RANK_FILES_DIR)
             if len(files) == 1:
-                (staging / _JOINED_SINGLE_FILE).rename(staging / SAFETENSORS_FILE)
+                (staging / JOINED_SINGLE_FILE).rename(staging / SAFETENSORS_FILE)
                 (staging / SAFETENSORS_INDEX).unlink()
             publish_checkpoint(staging, directory, model.config, next(iter(state.values())).dtype)
     finally:
@@ -101,7 +101,7 @@ def save_sharded(model: Llama, directory: str | os.PathLike, max_shard_bytes: in
         dist.barrier()
 
 
-def _shared_staging_directory(directory: Path) -> Path:
+def shared_staging_directory(directory: Path) -> Path:
     """A fresh staging directory beside `directory` that rank 0 creates and every rank is told."""
     staging = [str(new_staging_directory(directory)) if is_writer() else None]
     if dist.is_initialized():

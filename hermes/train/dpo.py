@@ -17,7 +17,7 @@ from hermes.data.loader import StepBatch
 from hermes.data.packing import PackedBatch
 from hermes.model.lora import adapter_disabled
 from hermes.parallel.build import build_model
-from hermes.parallel.export import export_adapter
+from hermes.parallel.export import export_adapter, export_fp8
 from hermes.train import build
 from hermes.train.losses import dpo_loss, segment_sums
 from hermes.train.neftune import neftune
@@ -99,5 +99,6 @@ def main(argv: list[str] | None = None) -> DPOConfig:
         trainer.step(batch, dpo_step(model, batch, trainer.micro_batches(batch), config.dpo, sequence_shard))
     if trainer.finish():
         export_adapter(config, env.chat, model)
+        export_fp8(config, env.chat, model)
     build.finish(env)
     return config

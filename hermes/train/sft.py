@@ -18,7 +18,7 @@ from hermes.config import Config, parse_args
 from hermes.data.loader import StepBatch
 from hermes.data.packing import PackedBatch
 from hermes.parallel.build import build_model
-from hermes.parallel.export import export_adapter, export_model
+from hermes.parallel.export import export_adapter, export_fp8, export_model
 from hermes.train import build
 from hermes.train.losses import sft_loss
 from hermes.train.trainer import Trainer
@@ -53,5 +53,6 @@ def main(argv: list[str] | None = None) -> Config:
             export_adapter(config, env.chat, model)
         else:
             export_model(config, env.chat, model)
+        export_fp8(config, env.chat, model)
     build.finish(env)
     return config

@@ -284,7 +284,14 @@ TRANSIENT_KEYS = {
     "run": {"name", "dir", "allow_changes"},
     "model": {"attention_backend"},
     "data": {"cache_dir", "workers"},
-    "train": {"micro_batch", "checkpoint_every", "keep_checkpoints", "async_checkpoint", "export_hf"},
+    "train": {
+        "micro_batch",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "async_checkpoint",
+        "export_hf",
+        "export_fp8",
+    },
     "parallel": "all",
     "logging": "all",
 }
