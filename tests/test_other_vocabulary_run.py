@@ -46,7 +46,8 @@ def test_sft_then_dpo_from_a_tied_other_vocabulary_checkpoint(tmp_path):
         "--train.export_hf", "true",
     ]  # fmt: skip
     run_launch("dpo.py", 1, dpo_args)
-    assert metrics(dpo)[0]["loss"] == pytest.approx(0.6931, abs=1e-3)  # the adapter starts at zero: policy = reference
+    # The adapter starts at zero: the policy is the reference, so the first loss is ln 2.
+    assert metrics(dpo)[0]["loss"] == pytest.approx(0.6931, abs=1e-3)
 
     messages = [{"role": "user", "content": "What is 6 * 7?"}, {"role": "assistant", "content": "42"}]
     for export in (sft / "hf", dpo / "hf"):
