@@ -69,7 +69,7 @@ from __future__ import annotations
 
 import functools
 import marshal
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -184,6 +184,22 @@ def hermes_special_tokens(
     return resolved
 
 
+RenderFn = Callable[[Sequence[Message], Sequence[Mapping[str, Any]], int, str], tuple[list[int], list[int]]]
+"""A chat format's renderer: (messages, tools, index of the first trained message, source) -> (tokens,
+labels)."""
+
+
+def preference_samples(render: RenderFn, pair: PreferencePair) -> tuple[Sample, Sample]:
+    """The chosen and rejected samples of a DPO pair, each the shared prompt and its continuation, with
+    only the continuation's assistant turns trained."""
+    samples = []
+    for continuation in (pair.chosen, pair.rejected):
+        messages = (*pair.prompt, *continuation)
+        tokens, labels = render(messages, pair.tools, len(pair.prompt), pair.source)
+        samples.append(Sample(tokens, labels, category=pair.category))
+    return samples[0], samples[1]
+
+
 class ChatFormat:
     """Renders conversations to token ids and loss labels in the Hermes 3 format (module docstring).
 
@@ -251,12 +267,7 @@ class ChatFormat:
     def render_preference(self, pair: PreferencePair) -> tuple[Sample, Sample]:
         """The chosen and rejected samples of a DPO pair; only the assistant turns after the shared
         prompt are trained, so the prompt tokens (identical in both) carry no label."""
-        samples = []
-        for continuation in (pair.chosen, pair.rejected):
-            messages = (*pair.prompt, *continuation)
-            tokens, labels = self._render(messages, pair.tools, len(pair.prompt), pair.source)
-            samples.append(Sample(tokens, labels, category=pair.category))
-        return samples[0], samples[1]
+        return preference_samples(self._render, pair)
 
     # apply_chat_template ---------------------------------------------------------------------------------
 

@@ -25,7 +25,7 @@ from hermes.data.chat_template import DEFAULT_SYSTEM_PROMPT, hermes_template_sys
 from hermes.data.hf_tokenizer import save_tokenizer_json
 from hermes.data.hf_tokenizers_backend import TokenizersTokenizer
 from hermes.data.template_chat import TemplateChatFormat
-from hermes.data.tokenizer import TiktokenTokenizer, Tokenizer, TokenizerFileError
+from hermes.data.tokenizer import TiktokenTokenizer, Tokenizer, TokenizerFileError, read_json_object
 
 AnyChatFormat = ChatFormat | TemplateChatFormat
 CHAT_TEMPLATE_CHOICES = ("hermes", "checkpoint")
@@ -64,7 +64,7 @@ def read_chat_format(
         tokenizer = Tokenizer.default()
     config_file = directory / "tokenizer_config.json" if directory else None
     has_config = config_file is not None and config_file.is_file()
-    config = _read_json(config_file) if has_config else {}
+    config = read_json_object(config_file) if has_config else {}
     if chat_template == "hermes":
         if default_system_prompt is None:
             exported = config.get("chat_template")
@@ -135,7 +135,7 @@ def save_chat_format(
         written = [Path(shutil.copy(tokenizer.source, directory / "tokenizer.model"))]
     names = {token_id: name for name, token_id in tokenizer.special_tokens.items()}
     base = Path(base_tokenizer_config) if base_tokenizer_config else None
-    config: dict[str, Any] = _read_json(base) if base is not None and base.is_file() else {}
+    config: dict[str, Any] = read_json_object(base) if base is not None and base.is_file() else {}
     config |= {
         "added_tokens_decoder": {
             str(token_id): _added_token_entry(name, added.get(token_id))
@@ -169,16 +169,6 @@ def _added_token_entry(name: str, token: AddedToken | None) -> dict[str, Any]:
     if token is not None:
         flags = {flag: bool(getattr(token, flag)) for flag in flags}
     return {"content": name, **flags}
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise TokenizerFileError(f"{path} is not valid JSON ({error})") from None
-    if not isinstance(data, dict):
-        raise TokenizerFileError(f"{path}: expected a JSON object at the top level")
-    return data
 
 
 def _template_of(config: dict[str, Any], path: Path) -> str:

@@ -35,8 +35,8 @@ from hermes.data.tokenizer import (
     AllowedSpecial,
     Tokenizer,
     TokenizerFileError,
-    _read_json,
     read_added_tokens_decoder,
+    read_json_object,
 )
 
 BOS_NAMES = ("<s>", "<|begin_of_text|>", "<bos>", "<|startoftext|>")
@@ -98,7 +98,7 @@ class TokenizersTokenizer(Tokenizer):
             raise TokenizerFileError(f"{path}: the tokenizers library cannot read it ({error})") from None
         table = {token.content: token_id for token_id, token in backend.get_added_tokens_decoder().items()}
         config_path = path.with_name("tokenizer_config.json")
-        config = _read_json(config_path) if config_path.is_file() else {}
+        config = read_json_object(config_path) if config_path.is_file() else {}
         if config_path.is_file():
             _update_by_id(table, read_added_tokens_decoder(config_path))
         key_ids: dict[str, int] = {}

@@ -31,6 +31,7 @@ from typing import Any
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from hermes.data.chat import preference_samples
 from hermes.data.conversation import Conversation, Message, PreferencePair
 from hermes.data.records import parse_messages, parse_tools
 from hermes.data.sample import IGNORE_INDEX, Sample
@@ -142,12 +143,7 @@ class TemplateChatFormat:
 
     def render_preference(self, pair: PreferencePair) -> tuple[Sample, Sample]:
         """The chosen and rejected samples of a DPO pair, with only the continuations trained."""
-        samples = []
-        for continuation in (pair.chosen, pair.rejected):
-            messages = (*pair.prompt, *continuation)
-            tokens, labels = self._render(messages, pair.tools, len(pair.prompt), pair.source)
-            samples.append(Sample(tokens, labels, category=pair.category))
-        return samples[0], samples[1]
+        return preference_samples(self._render, pair)
 
     def render_generation_prompt(
         self, messages: Sequence[Message], tools: Sequence[Mapping[str, Any]] = ()

@@ -492,7 +492,7 @@ def read_added_tokens_decoder(path: str | Path) -> dict[str, int]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"tokenizer_config.json not found: {path}")
-    config = _read_json(path)
+    config = read_json_object(path)
     decoder = config.get("added_tokens_decoder", {})
     try:
         return {entry["content"]: int(token_id) for token_id, entry in decoder.items()}
@@ -503,11 +503,17 @@ def read_added_tokens_decoder(path: str | Path) -> dict[str, int]:
         ) from None
 
 
-def _read_json(path: Path) -> dict:
+def read_json_object(path: Path, expected: str = "") -> dict:
+    """A tokenizer file's JSON object (tokenizer.json, tokenizer_config.json).
+
+    Raises:
+        TokenizerFileError: not valid JSON (with `expected`, what the file should be), or not an object.
+    """
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise TokenizerFileError(f"{path} is not valid JSON ({error}); expected {_ACCEPTED}") from None
+        hint = f"; expected {expected}" if expected else ""
+        raise TokenizerFileError(f"{path} is not valid JSON ({error}){hint}") from None
     if not isinstance(data, dict):
         raise TokenizerFileError(f"{path}: expected a JSON object at the top level")
     return data
@@ -541,7 +547,7 @@ def _llama3_pattern(data: Mapping[str, object]) -> str | None:
 
 def _read_tokenizer_json(path: Path) -> Tokenizer:
     """A tokenizer.json: on tiktoken in Llama 3's layout, else on the `tokenizers` library."""
-    data = _read_json(path)
+    data = read_json_object(path, _ACCEPTED)
     pattern = _llama3_pattern(data)
     tokenizer = None if pattern is None else _read_llama3_json(path, data, pattern)
     if tokenizer is None:

@@ -15,7 +15,6 @@ padding ids, whether BOS is added, and `tokenizer.chat_template`. The eos id is 
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -23,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import gguf
+
+from hermes.model.hf import read_json
 
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
@@ -78,8 +79,8 @@ def read_vocabulary(directory: str | os.PathLike, vocab_size: int) -> GGUFVocabu
     directory = Path(directory)
     tokenizer_path = directory / TOKENIZER_FILE
     config_path = directory / TOKENIZER_CONFIG_FILE
-    tokenizer = _read_json(tokenizer_path)
-    config = _read_json(config_path)
+    tokenizer = read_json(tokenizer_path, "a GGUF export writes the tokenizer from it")
+    config = read_json(config_path, "a GGUF export writes the tokenizer from it")
     model = tokenizer.get("model") or {}
     if model.get("type") != "BPE":
         raise ValueError(
@@ -180,15 +181,3 @@ def _adds_bos(tokenizer: Mapping[str, Any], bos_id: int) -> bool:
         if bos_id in special.get("ids", []):
             return True
     return False
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: a GGUF export writes the tokenizer from it")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path} is not valid JSON ({error}); restore the file") from error
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object at the top level")
-    return data

@@ -162,11 +162,16 @@ def new_staging_directory(directory: Path) -> Path:
     return Path(tempfile.mkdtemp(prefix=f".{directory.name}.partial-", dir=directory.parent))
 
 
+def write_config_json(directory: Path, config: LlamaConfig, dtype: torch.dtype) -> None:
+    """config.json of `config` with `dtype` as its torch_dtype."""
+    hf_config = config.to_hf(torch_dtype=str(dtype).removeprefix("torch."))
+    (directory / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
+
+
 def publish_checkpoint(staging: Path, directory: Path, config: LlamaConfig, dtype: torch.dtype) -> None:
     """Add config.json to the safetensors (and index) written into `staging`, then move them into
     `directory`, the file that makes the checkpoint look complete last."""
-    hf_config = config.to_hf(torch_dtype=str(dtype).removeprefix("torch."))
-    (staging / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
+    write_config_json(staging, config, dtype)
     marker = SAFETENSORS_INDEX if (staging / SAFETENSORS_INDEX).exists() else SAFETENSORS_FILE
     publish_staged(staging, directory, marker)
 
@@ -244,12 +249,21 @@ def load_pretrained(
 
 
 def read_json(path: Path, what: str) -> dict:
+    """A JSON object file.
+
+    Raises:
+        FileNotFoundError: no such file; `what` says what needs it.
+        ValueError: not valid JSON, or not an object.
+    """
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: {what}")
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path} is not valid JSON ({err}); restore the file") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object at the top level")
+    return data
 
 
 def _convert(tensor: torch.Tensor, device: torch.device | str, dtype: torch.dtype | None) -> torch.Tensor:

@@ -18,8 +18,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import HuggingFaceStorageWriter
 from torch.distributed.tensor import DTensor, Replicate
 
 from hermes.model.fp8 import absmax_scale, channel_scale
@@ -27,18 +25,13 @@ from hermes.model.fp8_checkpoint import SCALE_SUFFIX, is_fp8_weight
 from hermes.model.fp8_format import compress_weight, write_quantization_config
 from hermes.model.hf import (
     CONFIG_FILE,
-    SAFETENSORS_FILE,
-    SAFETENSORS_INDEX,
     hf_name,
     is_dtensor,
-    is_writer,
     load_pretrained,
-    plan_shard_files,
-    publish_staged,
     stored_state,
 )
 from hermes.model.llama import Llama
-from hermes.parallel.sharded_hf import JOINED_SINGLE_FILE, RANK_FILES_DIR, shared_staging_directory
+from hermes.parallel.sharded_hf import save_state_sharded
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -62,32 +55,7 @@ def save_sharded_fp8(model: Llama, directory: str | os.PathLike, max_shard_bytes
         max_shard_bytes: the largest file's payload, in bytes (a single larger tensor gets its own).
     """
     state = _fp8_state(model)
-    files = plan_shard_files(state, max_shard_bytes)
-    file_index = {name: k for k, names in enumerate(files.values(), start=1) for name in names}
-    directory = Path(directory)
-    staging = shared_staging_directory(directory)
-    try:
-        writer = HuggingFaceStorageWriter(
-            str(staging),
-            fqn_to_index_mapping=file_index,
-            save_distributed=True,
-            enable_consolidation=True,
-            thread_count_consolidation=min(len(files), 8),
-        )
-        dcp.save(state, storage_writer=writer)
-        if is_writer():
-            shutil.rmtree(staging / RANK_FILES_DIR)
-            if len(files) == 1:
-                (staging / JOINED_SINGLE_FILE).rename(staging / SAFETENSORS_FILE)
-                (staging / SAFETENSORS_INDEX).unlink()
-            _write_config(staging, model)
-            marker = SAFETENSORS_INDEX if len(files) > 1 else SAFETENSORS_FILE
-            publish_staged(staging, directory, marker)
-    finally:
-        if is_writer() and staging.exists():
-            shutil.rmtree(staging)
-    if dist.is_initialized():
-        dist.barrier()
+    save_state_sharded(state, directory, max_shard_bytes, lambda staging: _write_config(staging, model))
 
 
 def export_fp8_directory(

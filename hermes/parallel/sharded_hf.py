@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
@@ -32,8 +34,9 @@ from hermes.model.hf import (
     is_writer,
     new_staging_directory,
     plan_shard_files,
-    publish_checkpoint,
+    publish_staged,
     stored_state,
+    write_config_json,
 )
 from hermes.model.llama import Llama
 from hermes.parallel.materialize import base_weights
@@ -75,6 +78,22 @@ def save_sharded(model: Llama, directory: str | os.PathLike, max_shard_bytes: in
         max_shard_bytes: the largest file's payload, in bytes (a single larger tensor gets its own).
     """
     state = {hf_name(name): t for name, t in stored_state(model.state_dict(), model.config).items()}
+    dtype = next(iter(state.values())).dtype
+    save_state_sharded(
+        state, directory, max_shard_bytes, lambda staging: write_config_json(staging, model.config, dtype)
+    )
+
+
+def save_state_sharded(
+    state: Mapping[str, torch.Tensor],
+    directory: str | os.PathLike,
+    max_shard_bytes: int,
+    write_config: Callable[[Path], None],
+) -> None:
+    """Write `state` (Hugging Face names, each tensor sharded or not) in `save_pretrained`'s safetensors
+    layout: every rank writes the slices it holds, rank 0 joins them one tensor at a time, adds config.json
+    with `write_config(staging)`, and publishes the directory (the index or single file last). Collective.
+    """
     files = plan_shard_files(state, max_shard_bytes)
     file_index = {name: k for k, names in enumerate(files.values(), start=1) for name in names}
     directory = Path(directory)
@@ -87,13 +106,14 @@ def save_sharded(model: Llama, directory: str | os.PathLike, max_shard_bytes: in
             enable_consolidation=True,
             thread_count_consolidation=min(len(files), 8),
         )
-        dcp.save(state, storage_writer=writer)
+        dcp.save(dict(state), storage_writer=writer)
         if is_writer():
             shutil.rmtree(staging / RANK_FILES_DIR)
             if len(files) == 1:
                 (staging / JOINED_SINGLE_FILE).rename(staging / SAFETENSORS_FILE)
                 (staging / SAFETENSORS_INDEX).unlink()
-            publish_checkpoint(staging, directory, model.config, next(iter(state.values())).dtype)
+            write_config(staging)
+            publish_staged(staging, directory, SAFETENSORS_INDEX if len(files) > 1 else SAFETENSORS_FILE)
     finally:
         if is_writer() and staging.exists():
             shutil.rmtree(staging)
