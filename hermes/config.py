@@ -77,6 +77,15 @@ class DataConfig:
         "written by datasets' save_to_disk, or dataset repository directories (see hermes.data.sources); "
         "empty = the bundled example.",
     )
+    validation: list[str] = _opt(
+        [], "Validation data, in the forms data.train takes; its loss is logged as val_loss (empty = none)."
+    )
+    validation_fraction: float = _opt(
+        0.0,
+        "Fraction of data.train's records held out of training for validation, chosen by a hash of each "
+        "record's position (hermes.data.holdout); 0 = none.",
+        at_least=0.0,
+    )
     seq_len: int = _opt(512, "Tokens per packed row.")
     overlong: str = _opt(
         "truncate", "What to do with a sample longer than seq_len.", typing.get_args(OverlongPolicy)
@@ -135,6 +144,14 @@ class TrainConfig:
     )
     async_checkpoint: bool = _opt(False, "Write checkpoints in the background while training goes on.")
     export_hf: bool = _opt(True, "Write a Hugging Face directory (<run dir>/hf) at the end.")
+    eval_every: int = _opt(
+        0, "Validation loss every this many steps (0 = only at epoch ends; always at epoch ends).", at_least=0
+    )
+    export_every_epoch: bool = _opt(
+        False,
+        "At each epoch end write <run dir>/epochs/epoch-K/hf (LoRA runs: epochs/epoch-K/adapter, the adapter "
+        "only).",
+    )
     export_fp8: bool = _opt(
         False, "Also write an FP8 (compressed-tensors FP8_DYNAMIC) directory (<run dir>/fp8) at the end."
     )

@@ -5,7 +5,10 @@ PIQA.
 
 Each line of ITEMS.jsonl is an item {"context": str, "choices": [str, ...], "answer": int}. Every choice is
 scored as the log-probability of its tokens after the context: BOS, the context, then the choice, with the text
-concatenated as written (put the separating space in the choice, " Paris", or at the end of the context). As
+concatenated as written. Where the separating space goes matters for `acc_norm` only: to match lm-eval, put it
+at the end of the context, as lm-eval's ARC and HellaSwag tasks do ("Question: ...\nAnswer: " + "Paris": their
+`target_delimiter` " " is not part of the choice they divide by); with the space inside the choice (" Paris"),
+`acc_norm` divides by one more character than lm-eval's ARC. As
 lm-eval does, whitespace that ends the context is moved to the front of the choice before tokenizing (so
 "Answer: " + "Paris" is scored as "Answer:" then " Paris"), and the choice's tokens are those of the whole
 text after the context's own tokens.

@@ -32,7 +32,7 @@ class Plot(NamedTuple):
 
 
 PLOTS = (
-    Plot("loss", "Training loss", "loss", ("loss",)),
+    Plot("loss", "Training and validation loss", "loss", ("loss", "val_loss")),
     Plot("lr", "Learning rate", "learning rate", ("lr",)),
     Plot("tokens_per_s", "Throughput", "tokens / s", ("tokens_per_s",)),
     Plot("rewards", "DPO rewards", "reward", ("rewards/chosen", "rewards/rejected", "rewards/margins")),

@@ -27,6 +27,12 @@ epoch, which would only shrink or inflate every total alike and make the totals 
 uninformative groups were evaluated. If no group varies (a single epoch, for one), every total is 0 and
 epoch 1 is chosen.
 
+In one command (`python -m hermes.select --run RUN_DIR --tasks TASKS [--include-path DIR] [--groups GROUPS]`):
+every epoch model a run exported (`train.export_every_epoch`: RUN_DIR/epochs/epoch-K/hf) is evaluated with
+lm-evaluation-harness (the optional `eval` extra, `lm_eval.simple_evaluate` with the `hf` model), its
+result written to RUN_DIR/epochs/epoch-K/lm_eval.json, and the table below is printed from those files.
+`--include-path` adds a folder of task YAMLs (a local task over a local JSONL file works offline).
+
 Inputs (`python -m hermes.select FILE [FILE ...] [--groups GROUPS] [--json]`):
 
 - One scores file: a JSON object ``{"group name": [score at epoch 1, epoch 2, ...], ...}``.
@@ -301,6 +307,56 @@ def _default_metric(path: Path, task: str, available: list[str]) -> str:
     )
 
 
+def epoch_models(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """(epoch, model directory) of every RUN_DIR/epochs/epoch-K/hf, in epoch order.
+
+    Raises:
+        SelectionError: the run exported no epoch model.
+    """
+    found = []
+    for directory in Path(run_dir).glob("epochs/epoch-*/hf"):
+        number = directory.parent.name.removeprefix("epoch-")
+        if number.isdigit():
+            found.append((int(number), directory))
+    if not found:
+        raise SelectionError(
+            f"{run_dir}: no epochs/epoch-K/hf model; train with --train.export_every_epoch true (a LoRA run "
+            "exports only epochs/epoch-K/adapter, which this command does not evaluate)."
+        )
+    return sorted(found)
+
+
+def evaluate_epoch(model_dir: Path, tasks: list[str], include_path: str | None, output: Path) -> Path:
+    """Evaluate one epoch's model on `tasks` with lm-evaluation-harness and write its result file.
+
+    Raises:
+        ImportError: lm-eval is not installed.
+    """
+    try:
+        import lm_eval
+        from lm_eval.tasks import TaskManager
+        from lm_eval.utils import handle_non_serializable
+    except ImportError as error:
+        raise ImportError("--run needs lm-evaluation-harness: pip install 'hermes[eval]'") from error
+    results = lm_eval.simple_evaluate(
+        model="hf",
+        model_args={"pretrained": str(model_dir), "dtype": "float32"},
+        tasks=tasks,
+        task_manager=TaskManager(include_path=include_path),
+        log_samples=False,
+    )
+    output.write_text(json.dumps(results, indent=2, default=handle_non_serializable))
+    return output
+
+
+def evaluate_run(run_dir: str | Path, tasks: list[str], include_path: str | None = None) -> list[Path]:
+    """Evaluate every epoch model of `run_dir` (`epoch_models`); returns the result files, in epoch order."""
+    return [
+        evaluate_epoch(directory, tasks, include_path, directory.parent / "lm_eval.json")
+        for _, directory in epoch_models(run_dir)
+    ]
+
+
 def format_table(selection: Selection) -> str:
     """The normalised scores per group and epoch, the totals, and the chosen epoch, as text."""
     epochs = len(selection.total)
@@ -327,7 +383,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "files",
-        nargs="+",
+        nargs="*",
         metavar="FILE",
         help=f"one scores JSON file {_SCORES_SHAPE}, or lm-eval result files, one per epoch, in epoch order",
     )
@@ -336,10 +392,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="GROUPS",
         help='JSON file {"group": ["task", "task:metric,filter", ...]} (lm-eval)',
     )
+    parser.add_argument(
+        "--run", metavar="RUN_DIR", help="evaluate RUN_DIR/epochs/epoch-K/hf with lm-eval first"
+    )
+    parser.add_argument("--tasks", help="lm-eval tasks for --run, comma-separated")
+    parser.add_argument("--include-path", metavar="DIR", help="folder of extra lm-eval task YAMLs (--run)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = parser.parse_args(argv)
+    if bool(args.run) == bool(args.files) or bool(args.run) != bool(args.tasks):
+        parser.error("pass either score files, or --run RUN_DIR with --tasks TASKS")
     try:
-        selection = select_epoch(load_scores(args.files, args.groups), source=args.files[0])
+        files = args.files
+        if args.run:
+            files = evaluate_run(args.run, [t for t in args.tasks.split(",") if t], args.include_path)
+        selection = select_epoch(load_scores(files, args.groups), source=str(files[0]))
     except SelectionError as error:
         parser.error(str(error))
     print(json.dumps(selection.to_dict(), indent=2) if args.json else format_table(selection))

@@ -53,6 +53,7 @@ from hermes.data.filters import (
     filter_samples,
     mix,
 )
+from hermes.data.holdout import Selection, Split, select_records, split_files
 from hermes.data.packing import fit_sample, gc_paused
 from hermes.data.records import RECORD_FIELDS, parse_conversation, parse_preference_pair, shard_records
 from hermes.data.sample import Sample
@@ -89,13 +90,17 @@ def _file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def cache_key(paths: list[Path], chat: ChatLike, options: DataConfig, seed: int) -> str:
+def cache_key(
+    paths: list[Path], chat: ChatLike, options: DataConfig, seed: int, selections: Sequence[Selection] = ()
+) -> str:
     """Digest of everything the tokenized result depends on (the seed only matters with a mixture; the
-    number of workers never does)."""
+    number of workers never does). `selections` are the records each file gives the split
+    (hermes.data.holdout), none meaning all."""
     tokenizer = chat.tokenizer
     key = {
         "format": CACHE_FORMAT,
         "files": [_file_digest(p) for p in paths],
+        "selections": list(selections),
         "tokenizer": [
             type(tokenizer).__name__,
             tokenizer.vocab_size,
@@ -108,7 +113,9 @@ def cache_key(paths: list[Path], chat: ChatLike, options: DataConfig, seed: int)
         else tokenizer.source,
         "chat": sorted(chat.special_tokens.items()),
         "options": {
-            k: v for k, v in dataclasses.asdict(options).items() if k not in ("train", "cache_dir", "workers")
+            k: v
+            for k, v in dataclasses.asdict(options).items()
+            if k not in ("train", "validation", "cache_dir", "workers")
         },
         "mixture_seed": seed if options.mixture else None,
     }
@@ -205,11 +212,12 @@ SHARD_BUILDERS: dict[str, ShardBuilder] = {"sft": sft_shard, "preference": prefe
 
 
 def build_sft_samples(
-    paths: Sequence[str | os.PathLike], chat: ChatLike, options: DataConfig, seed: int
+    paths: Sequence[str | os.PathLike], chat: ChatLike, options: DataConfig, seed: int, split: Split = "train"
 ) -> BuiltSamples:
-    """Every SFT sample of `paths` in memory, shard by shard as `sft_shard` builds them, then mixed
-    (`data.mixture`); every drop is counted. The cache holds the same samples (`prepare_sft_dataset`)."""
-    samples, summary = _in_memory(sft_shard, paths, chat, options)
+    """Every SFT sample of `paths` (as data.train) in memory, shard by shard as `sft_shard` builds them, then
+    mixed (`data.mixture`); every drop is counted. The cache holds the same samples (`prepare_sft_dataset`);
+    `split` is the training split or the validation split (hermes.data.holdout)."""
+    samples, summary = _in_memory(sft_shard, paths, chat, options, split)
     mixture = _mixture([s.category for s in samples], [len(s) for s in samples], options, seed)
     if mixture is not None:
         samples = [samples[i] for i in mixture.indices]
@@ -220,21 +228,45 @@ def build_preference_samples(
     paths: Sequence[str | os.PathLike], chat: ChatLike, options: DataConfig, seed: int
 ) -> BuiltSamples:
     """Every preference sample of `paths` in memory, as `preference_shard` builds them (no mixture)."""
-    samples, summary = _in_memory(preference_shard, paths, chat, options)
+    samples, summary = _in_memory(preference_shard, paths, chat, options, "train")
     return BuiltSamples(summary=summary, mixture=None, samples=samples)
 
 
 def _in_memory(
-    builder: ShardBuilder, paths: Sequence[str | os.PathLike], chat: ChatLike, options: DataConfig
+    builder: ShardBuilder,
+    paths: Sequence[str | os.PathLike],
+    chat: ChatLike,
+    options: DataConfig,
+    split: Split,
 ) -> tuple[list[Sample], FilterSummary]:
+    train = data_files(paths)
+    validation = data_files(options.validation) if split == "validation" else []
+    files, selections = _split(train, validation, options.validation_fraction, split)
     summary = FilterSummary()
     samples: list[Sample] = []
     with gc_paused():  # records, token lists and samples hold no cycles
-        for shard in read_shards(data_files(paths), CHUNK_RECORDS, RECORD_FIELDS):
-            shard_samples, shard_summary = builder(shard_records(shard), chat, options)
+        for shard in read_shards(files, CHUNK_RECORDS, RECORD_FIELDS):
+            records = _selected_records(shard, selections, options.validation_fraction)
+            shard_samples, shard_summary = builder(records, chat, options)
             samples += shard_samples
             summary.merge(shard_summary)
     return samples, summary
+
+
+def _split(
+    train: list[Path], validation: list[Path], fraction: float, split: Split
+) -> tuple[list[Path], dict[str, tuple[int, Selection]]]:
+    """The files of `split` and, by path, each one's index in data.train and the records it gives."""
+    chosen = split_files(train, validation, fraction, split)
+    index = {str(path): number for number, path in enumerate(train)}
+    return [path for path, _ in chosen], {str(p): (index.get(str(p), -1), s) for p, s in chosen}
+
+
+def _selected_records(
+    shard: Shard, selections: dict[str, tuple[int, Selection]], fraction: float
+) -> RecordStream:
+    file_index, selection = selections[shard.path]
+    return select_records(shard_records(shard), shard.path, file_index, selection, fraction)
 
 
 def _content_filters(options: DataConfig) -> ContentFilters:
@@ -278,13 +310,22 @@ class ShardTokenizer:
     """Builds the samples of one (index, shard) and writes them to `directory`/<index>.npy. Pickles as a
     recipe: the chat format is rebuilt on the other side (`portable_chat`)."""
 
-    def __init__(self, kind: str, chat: ChatLike, options: DataConfig, directory: Path) -> None:
+    def __init__(
+        self,
+        kind: str,
+        chat: ChatLike,
+        options: DataConfig,
+        directory: Path,
+        selections: dict[str, tuple[int, Selection]],
+    ) -> None:
         self.kind, self.chat, self.options, self.directory = kind, chat, options, directory
+        self.selections = selections
 
     def __call__(self, job: tuple[int, Shard]) -> ShardResult:
         index, shard = job
         with gc_paused():  # records, token lists and samples hold no cycles
-            samples, summary = SHARD_BUILDERS[self.kind](shard_records(shard), self.chat, self.options)
+            records = _selected_records(shard, self.selections, self.options.validation_fraction)
+            samples, summary = SHARD_BUILDERS[self.kind](records, self.chat, self.options)
         path = self.directory / f"{index:08d}.npy"
         lengths = save_shard(path, samples)
         return ShardResult(path, lengths, [s.category for s in samples], summary)
@@ -297,11 +338,18 @@ class ShardTokenizer:
 
 
 def prepare_sft_dataset(
-    chat: ChatLike, options: DataConfig, seed: int, cache_root: Path, report_dir: Path | None = None
+    chat: ChatLike,
+    options: DataConfig,
+    seed: int,
+    cache_root: Path,
+    report_dir: Path | None = None,
+    split: Split = "train",
 ) -> Path:
     """Build (or find) the cached SFT dataset (data.train, default: the bundled sft.jsonl) and return its
-    directory: the samples of `build_sft_samples`. See `_prepare`."""
-    return _prepare("sft", chat, options, seed, cache_root, report_dir)
+    directory: the samples of `build_sft_samples`. `split` "train" leaves out the records
+    data.validation_fraction holds out; "validation" reads them and data.validation's (hermes.data.holdout),
+    into a cache of its own. See `_prepare`."""
+    return _prepare("sft", chat, options, seed, cache_root, report_dir, split)
 
 
 def prepare_preference_dataset(
@@ -310,11 +358,17 @@ def prepare_preference_dataset(
     """Build (or find) the cached preference dataset (data.train, default: the bundled preference.jsonl)
     as interleaved (chosen, rejected) samples, the samples of `build_preference_samples`, and return its
     directory. See `_prepare`."""
-    return _prepare("preference", chat, options, seed, cache_root, report_dir)
+    return _prepare("preference", chat, options, seed, cache_root, report_dir, "train")
 
 
 def _prepare(
-    kind: str, chat: ChatLike, options: DataConfig, seed: int, cache_root: Path, report_dir: Path | None
+    kind: str,
+    chat: ChatLike,
+    options: DataConfig,
+    seed: int,
+    cache_root: Path,
+    report_dir: Path | None,
+    split: Split,
 ) -> Path:
     """Build (or find) a cached dataset of `kind` and return its directory.
 
@@ -325,20 +379,24 @@ def _prepare(
         FileNotFoundError, ValueError: a data.train entry that is missing or of no accepted form.
     """
     entries = [Path(p) for p in options.train] or [bundled_example(f"{kind}.jsonl")]
-    files = data_files(entries)
-    directory = cache_root / f"{kind}-{cache_key(files, chat, options, seed)}"
+    validation = data_files(options.validation) if split == "validation" else []
+    files, selections = _split(data_files(entries), validation, options.validation_fraction, split)
+    key = cache_key(files, chat, options, seed, [selections[str(f)][1] for f in files])
+    directory = cache_root / f"{kind}-{key}" if split == "train" else cache_root / f"{kind}-{split}-{key}"
     if not (directory / "filter_summary.json").is_file():
         partial = directory.with_name(f"{directory.name}.partial-{os.getpid()}")
         shutil.rmtree(partial, ignore_errors=True)
         try:
-            samples, report = _build_cache(kind, files, chat, options, seed, partial)
+            samples, report = _build_cache(kind, files, selections, chat, options, seed, partial)
         except BaseException:
             shutil.rmtree(partial, ignore_errors=True)
             raise
         report.write(partial)
         shutil.rmtree(directory, ignore_errors=True)
         partial.rename(directory)
-        print(f"Tokenized {samples} samples from {', '.join(map(str, entries))} into {directory}", flush=True)
+        what = "samples" if split == "train" else f"{split} samples"
+        sources = ", ".join(map(str, entries if split == "train" else files))
+        print(f"Tokenized {samples} {what} from {sources} into {directory}", flush=True)
     else:
         print(f"Using tokenized cache {directory}", flush=True)
     print((directory / "summary.txt").read_text(), flush=True)
@@ -353,13 +411,19 @@ def _prepare(
 
 
 def _build_cache(
-    kind: str, files: list[Path], chat: ChatLike, options: DataConfig, seed: int, directory: Path
+    kind: str,
+    files: list[Path],
+    selections: dict[str, tuple[int, Selection]],
+    chat: ChatLike,
+    options: DataConfig,
+    seed: int,
+    directory: Path,
 ) -> tuple[int, BuildReport]:
-    """Tokenize `files` shard by shard in `data.workers` processes into shard files, then assemble the
+    """Tokenize the `selections` of `files` shard by shard in `data.workers` processes into shard files, then assemble the
     cache in `directory` from them; returns the number of samples and the report."""
     shards = directory / "shards"
     shards.mkdir(parents=True)
-    tokenize = ShardTokenizer(kind, chat, options, shards)
+    tokenize = ShardTokenizer(kind, chat, options, shards, selections)
     jobs = enumerate(read_shards(files, CHUNK_RECORDS, RECORD_FIELDS))
     summary = FilterSummary()
     paths, lengths, categories = [], [], []

@@ -1,5 +1,5 @@
 """Exports written from the shards at the end of a run: the Hugging Face model directory and the PEFT
-adapter, and the FP8 (compressed-tensors) model directory, each with the tokenizer files and chat template the
+adapter (and, at each epoch end, the model of that epoch), and the FP8 (compressed-tensors) model directory, each with the tokenizer files and chat template the
 run trained with (hermes.data.chat_files). Collective: every rank writes the slices it holds; no rank
 gathers the whole model."""
 
@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from hermes.config import Config
 from hermes.data.chat_files import AnyChatFormat, save_chat_format
-from hermes.model.lora import save_adapter
+from hermes.model.lora import lora_layers, save_adapter
 from hermes.parallel.materialize import merge_lora_into_shards
 from hermes.parallel.sharded_hf import save_sharded
 
@@ -42,6 +42,27 @@ def export_adapter(config: Config, chat: AnyChatFormat, net: torch.nn.Module) ->
         _save_hf(config, chat, merge_lora_into_shards(net), config.run_dir / "hf")
     if dist.get_rank() == 0:
         print(f"Exported the adapter to {directory}", flush=True)
+    return directory
+
+
+def export_epoch(config: Config, chat: AnyChatFormat, net: torch.nn.Module, epoch: int) -> Path | None:
+    """At an epoch end, when train.export_every_epoch is set: write the model as it is into
+    <run dir>/epochs/epoch-K/hf, the final export's format (tokenizer and chat template in), for checkpoint
+    selection (hermes.select --run). A LoRA run writes only its adapter, to epochs/epoch-K/adapter: merging
+    it for an HF copy would leave the live model untrainable. Training goes on. Collective."""
+    if not config.train.export_every_epoch:
+        return None
+    directory = config.run_dir / "epochs" / f"epoch-{epoch}"
+    if lora_layers(net):
+        directory = directory / "adapter"
+        save_adapter(net, directory, base_model_name_or_path=config.model.checkpoint)
+        if dist.get_rank() == 0:
+            save_chat_format(chat, directory, base_tokenizer_config=_base_tokenizer_config(config))
+    else:
+        directory = directory / "hf"
+        _save_hf(config, chat, net, directory)
+    if dist.get_rank() == 0:
+        print(f"Exported epoch {epoch} to {directory}", flush=True)
     return directory
 
 

@@ -118,8 +118,9 @@ def chat_format(config: Config) -> AnyChatFormat:
     )
 
 
-def _cached_dataset(config: Config, env: Environment, prepare) -> TokenizedDataset:
-    """Rank 0 tokenizes (or finds the cache); every rank then memory-maps the same arrays."""
+def _cache_directory(config: Config, env: Environment, prepare, **split) -> Path:
+    """Rank 0 tokenizes (or finds the cache); every rank gets its directory. The training split's filter
+    summaries are copied into the run directory."""
     cache_root = (
         Path(config.data.cache_dir)
         if config.data.cache_dir
@@ -127,15 +128,30 @@ def _cached_dataset(config: Config, env: Environment, prepare) -> TokenizedDatas
     )
     directory = [None]
     if env.rank == 0:
-        directory[0] = str(prepare(env.chat, config.data, config.run.seed, cache_root, config.run_dir))
+        report_dir = None if split else config.run_dir
+        directory[0] = str(prepare(env.chat, config.data, config.run.seed, cache_root, report_dir, **split))
     dist.broadcast_object_list(directory, src=0)
-    env.data_cache = Path(directory[0])
+    return Path(directory[0])
+
+
+def _cached_dataset(config: Config, env: Environment, prepare) -> TokenizedDataset:
+    """The training data, memory-mapped on every rank; its cache directory becomes `env.data_cache`."""
+    env.data_cache = _cache_directory(config, env, prepare)
     return TokenizedDataset.load(env.data_cache)
 
 
 def sft_dataset(config: Config, env: Environment) -> TokenizedDataset:
-    """Conversations rendered with assistant-only labels (data.train, default: the bundled SFT example)."""
+    """Conversations rendered with assistant-only labels (data.train, default: the bundled SFT example),
+    without the records data.validation_fraction holds out."""
     return _cached_dataset(config, env, prepare_sft_dataset)
+
+
+def sft_validation_dataset(config: Config, env: Environment) -> TokenizedDataset | None:
+    """The validation conversations (data.validation and the held-out records of data.train, see
+    hermes.data.holdout), rendered as the training ones; None when there are none configured."""
+    if not config.data.validation and not config.data.validation_fraction:
+        return None
+    return TokenizedDataset.load(_cache_directory(config, env, prepare_sft_dataset, split="validation"))
 
 
 def preference_dataset(config: Config, env: Environment) -> TokenizedDataset:

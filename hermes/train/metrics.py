@@ -39,8 +39,8 @@ def training_flops(config: LlamaConfig, sample_lengths: list[int]) -> float:
 
 
 class MetricsLog:
-    """Appends one JSON object per optimizer step to `metrics.jsonl` (rank 0), mirrors it to wandb when
-    asked, and prints a progress line."""
+    """Appends one JSON object per optimizer step to `metrics.jsonl` (rank 0), and one per validation
+    ({"step", "epoch", "val_loss"}), mirrors them to wandb when asked, and prints a progress line."""
 
     def __init__(
         self, path: Path, total_steps: int, wandb_mode: str, config_dict: dict, progress: bool
@@ -61,7 +61,9 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
         if self.wandb is not None:
             self.wandb.log(record, step=record["step"])
-        if self.progress:
+        if self.progress and "loss" not in record:
+            print(f"step {record['step']} val_loss {record['val_loss']:.4f}", file=sys.stderr, flush=True)
+        elif self.progress:
             done = record["step"] / max(1, self.total_steps)
             bar = "#" * int(30 * done) + "-" * (30 - int(30 * done))
             elapsed = time.monotonic() - self.started

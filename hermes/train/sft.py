@@ -4,6 +4,11 @@ The step: every labelled token's negative log-likelihood (assistant content and 
 this rank and divided by the labelled-token count of the whole global batch (all ranks, all micro-batches),
 so the summed gradients over ranks are those of the global mean token loss. With `lora.rank > 0` only a
 LoRA adapter trains (LoRA SFT) and the adapter is exported beside the merged model.
+
+Validation (data.validation, data.validation_fraction) runs every train.eval_every steps and at every epoch
+end: the same NLL over the validation data's labelled tokens, without backward, divided by their global
+count (`Trainer.validate`). With train.export_every_epoch each epoch's model is exported for checkpoint
+selection (hermes.select --run).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from hermes.config import Config, parse_args
 from hermes.data.loader import StepBatch
 from hermes.data.packing import PackedBatch
 from hermes.parallel.build import build_model
-from hermes.parallel.export import export_adapter, export_fp8, export_model
+from hermes.parallel.export import export_adapter, export_epoch, export_fp8, export_model
 from hermes.train import build
 from hermes.train.losses import sft_loss
 from hermes.train.trainer import Trainer
@@ -37,17 +42,34 @@ def sft_step(
     return {"loss": total}
 
 
+def sft_nll(
+    model: nn.Module, batch: StepBatch, micro_batches: Iterable[PackedBatch]
+) -> dict[str, torch.Tensor]:
+    """This rank's summed negative log-likelihood over the labelled tokens of `batch` (no backward)."""
+    total = torch.zeros(())
+    for micro in micro_batches:
+        logprobs = model(micro.tokens, micro.packing, labels=micro.labels)
+        total = total.to(logprobs.device) - logprobs.sum()
+    return {"nll": total}
+
+
 def main(argv: list[str] | None = None) -> Config:
     """Run SFT as configured by `argv` (`[--config FILE] [--section.key value ...]`)."""
     config = parse_args(sys.argv[1:] if argv is None else argv)
     env = build.environment(config)
     dataset = build.sft_dataset(config, env)
     loader = build.loader(config, env, dataset)
+    validation = build.sft_validation_dataset(config, env)
+    validation_loader = build.loader(config, env, validation) if validation is not None else None
     lora = config.lora if config.lora.rank else None
     model = build_model(config, env.meshes, env.device, lora=lora)
     trainer = Trainer(config, env, model, loader, trainable_only_checkpoints=lora is not None)
     for batch in trainer.batches():
         trainer.step(batch, sft_step(model, batch, trainer.micro_batches(batch)))
+        if validation_loader is not None and trainer.validation_due:
+            trainer.validate(validation_loader, sft_nll)
+        if trainer.epoch_ended:
+            export_epoch(config, env.chat, model, trainer.epoch)
     if trainer.finish():
         if lora is not None:
             export_adapter(config, env.chat, model)

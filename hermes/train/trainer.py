@@ -6,15 +6,19 @@ A recipe reads, in order (hermes/train/sft.py):
     for batch in trainer.batches():                      # until max_steps, the epochs' end or SIGTERM
         sums = step(model, batch, trainer.micro_batches(batch))   # forward, loss, backward
         trainer.step(batch, sums)                        # reduce, guard, clip, update, log, checkpoint
+        if trainer.validation_due:                       # train.eval_every steps and every epoch end
+            trainer.validate(validation_loader, nll)     # val_loss, logged as its own record
+        if trainer.epoch_ended:
+            export_epoch(...)                            # epochs/epoch-K (train.export_every_epoch)
     if trainer.finish():                                 # False when preempted: no final export
         export(...)
 
 The Trainer owns resume, the iteration over steps, the micro-batches (gradient-sync policy, the compute
 device, the parallel layer's loss context), the reduction of the step's metric sums over the loss mesh,
-the non-finite-loss guard, clipping, optimizer and schedule, the metrics log, checkpoints, preemption and
-the end-of-run plots. A step body returns per-rank sums that add up, over the loss mesh, to the global
-values (a local loss sum divided by the global labelled-token count: FSDP does not average gradients, see
-hermes.parallel.fsdp).
+the non-finite-loss guard, clipping, optimizer and schedule, the metrics log, checkpoints, preemption,
+the end-of-run plots, and the validation loss the recipe asks for (`validate`). A step body returns
+per-rank sums that add up, over the loss mesh, to the global values (a local loss sum divided by the
+global labelled-token count: FSDP does not average gradients, see hermes.parallel.fsdp).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import shutil
 import signal
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -43,6 +47,9 @@ from hermes.parallel.tensor_parallel import loss_context
 from hermes.train.build import Environment, write_resolved_config
 from hermes.train.metrics import H100_BF16_PEAK_FLOPS, MetricsLog, device_memory, training_flops
 from hermes.train.optim import apply_hyperparameters, build_optimizer, build_scheduler, clip_gradients
+
+ValidationSums = Callable[[nn.Module, StepBatch, Iterator[PackedBatch]], dict[str, torch.Tensor]]
+"""A recipe's validation body: this rank's sums over the micro-batches of a batch, without backward."""
 
 
 class NonFiniteLossError(RuntimeError):
@@ -145,6 +152,10 @@ class Trainer:
         self._started = 0.0
         self._mfu = device_type_is_cuda()
         self._flops_scale = 4 / 3 if reference_forward else 1.0
+        self.epoch = 0
+        """The (1-based) epoch of the last step done; 0 before any."""
+        self.epoch_ended = False
+        """Whether the last step finished its epoch."""
 
     def batches(self) -> Iterator[StepBatch]:
         """The global batch of each remaining step, in training mode."""
@@ -178,7 +189,7 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.completed_steps = step
+        self.completed_steps, self.epoch = step, batch.epoch
         elapsed = time.perf_counter() - self._started
         record = {
             "step": step,
@@ -196,7 +207,7 @@ class Trainer:
         if self._log is not None:
             self._log.log(record)
         self._preempted = stop.item() > 0
-        epoch_end = self.loader.epoch_finished
+        epoch_end = self.epoch_ended = self.loader.epoch_finished
         every = self.config.train.checkpoint_every
         if (every and step % every == 0) or epoch_end or self._preempted or step == self.total_steps:
             self.checkpointer.save(step, epoch_end=epoch_end)
@@ -207,6 +218,37 @@ class Trainer:
                 flush=True,
             )
         return record
+
+    @property
+    def validation_due(self) -> bool:
+        """Whether the step just done ends an epoch or is a multiple of train.eval_every."""
+        every = self.config.train.eval_every
+        return self.epoch_ended or bool(every and self.completed_steps % every == 0)
+
+    @torch.no_grad()
+    def validate(self, loader: PackedLoader, nll: ValidationSums) -> float:
+        """The mean negative log-likelihood per labelled token of `loader`'s whole data (one pass over its
+        first epoch's plan) under the current weights, without gradients and in eval mode (no dropout):
+        the NLL summed over every labelled token on all ranks, divided by their global count, the
+        normalisation of the training loss. Logged as {"step", "epoch", "val_loss"}; collective.
+
+        Args:
+            loader: the validation data's loader (its position is reset: every call reads the same rows).
+            nll: (model, batch, micro-batches) -> {"nll": this rank's summed NLL over labelled tokens}.
+        """
+        self.model.eval()
+        loader.epoch, loader.step_in_epoch = 1, 0
+        total = torch.zeros((), device=self.device)
+        labelled = 0
+        for _ in range(loader.steps_per_epoch):
+            batch = loader.next_batch()
+            total += nll(self.model, batch, self.micro_batches(batch))["nll"].to(self.device).float()
+            labelled += batch.global_labelled_tokens
+        dist.all_reduce(total, group=self.env.meshes.loss.get_group())
+        loss = total.item() / labelled
+        if self._log is not None:
+            self._log.log({"step": self.completed_steps, "epoch": self.epoch, "val_loss": loss})
+        return loss
 
     def _non_finite_message(self, loss: float, step: int, epoch: int) -> str:
         where = f"Loss is {loss} at step {step} (epoch {epoch}); stopping before the update."
@@ -283,7 +325,7 @@ def _drop_records_after(metrics: Path, step: int) -> None:
 TRANSIENT_KEYS = {
     "run": {"name", "dir", "allow_changes"},
     "model": {"attention_backend"},
-    "data": {"cache_dir", "workers"},
+    "data": {"cache_dir", "workers", "validation"},
     "train": {
         "micro_batch",
         "checkpoint_every",
@@ -291,12 +333,15 @@ TRANSIENT_KEYS = {
         "async_checkpoint",
         "export_hf",
         "export_fp8",
+        "eval_every",
+        "export_every_epoch",
     },
     "parallel": "all",
     "logging": "all",
 }
 """Keys a resume may change freely: where things go, how the work is split over processes and micro-
-batches, what is logged. Every other key changes what the run computes."""
+batches, what is logged, what is evaluated and exported on the way. Every other key (data.validation_fraction
+too: it removes records from training) changes what the run computes."""
 
 
 def run_meaning(config: Config, data_cache: Path | None) -> dict[str, object]:
