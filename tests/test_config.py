@@ -77,3 +77,16 @@ def test_resolved_config_round_trips_through_toml(tmp_path):
     path = tmp_path / "config.toml"
     path.write_text(config.to_toml())
     assert load_config(path) == config
+
+
+def test_every_launch_config_parses_in_its_recipe_and_dpo_sections_stay_out_of_sft():
+    from hermes.config import DPOConfig
+
+    for path in CONFIGS.glob("*.toml"):
+        recipe = DPOConfig if path.name.startswith("dpo") else Config
+        config = load_config(path, recipe=recipe)
+        assert config.run.recipe == ("dpo" if recipe is DPOConfig else "sft")
+        assert (config.lora.rank > 0) == (recipe is DPOConfig), path.name
+    with pytest.raises(ConfigError, match=r"Unknown config section \[dpo\].*\(the sft configuration\)"):
+        parse_args(["--dpo.beta", "0.2"])
+    assert parse_args(["--dpo.beta", "0.2"], DPOConfig).dpo.beta == 0.2
