@@ -1,51 +1,180 @@
-"""Forward + backward on CPU: hermes' Llama against transformers' LlamaForCausalLM.
+"""Forward + backward on CPU: hermes' Llama against transformers' LlamaForCausalLM and torchtitan's Llama 3.
 
-Both models hold the same weights (hermes' initialisation, copied under Hugging Face names) and see the same
-batch; transformers runs eager attention, both run float32. Each timed run is one forward and backward of
-the mean token cross-entropy, as a training step computes it (optimizer excluded). The runs of the variants
-are interleaved, so a load change on the machine touches all of them alike; the median of each is reported
-with its ratio to transformers, beside the fastest run and the median process CPU time (both
-distorted less than the median wall time when other work shares the machine), and the FLOPs of one step
-(torch's FlopCounterMode; it does not count the CPU flash-attention kernel of hermes' SDPA call, so
-hermes' figures leave attention out while transformers' eager attention products are counted).
+All models hold the same weights (hermes' initialisation, copied under each one's names: Hugging Face's for
+transformers; Meta's, with q and k rows permuted back to interleaved pairs, for torchtitan) and see the same
+batch, in float32. Each timed run is one forward and backward of the mean token cross-entropy, as a training
+step computes it (optimizer excluded).
 
-hermes variants:
-- "labels": the training path, `model(tokens, labels=...)`: the output head and float32 log-softmax run in
-  chunks of LOGPROB_CHUNK_TOKENS, recomputed in backward, so full float32 logits never exist at once;
-- "logits": full logits, then `F.cross_entropy` (what transformers does).
+Part 1, the variants:
+- "hermes (labels)": the training path, `model(tokens, labels=...)`: the output head and float32
+  log-softmax run on labelled tokens in chunks of LOGPROB_CHUNK_TOKENS;
+- "hermes (logits)": full logits, then `F.cross_entropy` (what transformers and torchtitan do);
+- "transformers eager" / "transformers sdpa": LlamaForCausalLM with each attention implementation;
+- "torchtitan": torchtitan's Llama 3 `Transformer` (torchtitan 0.2.0, the `bench` extra) with its SDPA
+  attention, full logits, then `F.cross_entropy` as torchtitan's loss computes it.
+Part 2, hermes alone: the same samples as packed rows (`PackedBatch.from_rows`, attention kept inside each
+sample) and padded, one sample per row right-padded to the longest (plain causal attention).
 
-Usage: python benchmarks/model_cpu.py [--preset tiny] [--batch 2] [--seq 512] [--runs 5]
+The runs are rotated: repetition r starts with the r-th variant, so a load change on this shared machine
+touches every variant alike and none always follows the same one. Each variant reports its median and
+fastest wall time and its median process CPU time (both distorted less than the median wall time when
+other work shares the machine), and, for part 1, the FLOPs of one step (torch's FlopCounterMode; it does
+not count the CPU flash-attention kernel behind SDPA, so every SDPA variant's figure leaves attention out,
+while transformers' eager attention products are counted). The ratios of hermes to each peer come last.
+
+Shapes (--preset): any hermes preset ("tiny": dim 256, 4 blocks, the 128,256-token vocabulary), or "mid":
+dim 512, 8 blocks, 8 heads / 4 kv heads, FFN 1,536, a 32,768-token vocabulary, where the blocks carry 60%
+of the FLOPs instead of 11%.
+
+Usage: python benchmarks/model_cpu.py [--preset tiny] [--batch 2] [--seq 512] [--runs 5] [--threads N]
+    [--skip-packing]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
+import importlib.util
+import math
+import os
 import statistics
+import sys
 import time
+import types
 from collections.abc import Callable
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import transformers
+from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from hermes.data.sample import IGNORE_INDEX
-from hermes.model import Llama, LlamaConfig
+from hermes.data.packing import PackedBatch
+from hermes.data.sample import IGNORE_INDEX, Sample
+from hermes.model import Llama, LlamaConfig, RopeScaling
 from hermes.model.hf import hf_state_dict
 
+MID = LlamaConfig(
+    dim=512, n_layers=8, n_heads=8, n_kv_heads=4, hidden_dim=1536, vocab_size=32768, max_seq_len=8192
+)
+"""58.7M parameters, 25.2M of them in the blocks, which do 60% of a step's FLOPs (the `tiny` preset's
+128,256-token head does 89% of its)."""
 
-def transformers_twin(model: Llama) -> transformers.LlamaForCausalLM:
-    """transformers' LlamaForCausalLM with the same configuration and weights, eager attention."""
+SHAPES = {"mid": MID}
+
+
+def model_config(name: str) -> LlamaConfig:
+    return SHAPES[name] if name in SHAPES else LlamaConfig.preset(name)
+
+
+# Peers ---------------------------------------------------------------------------------------------------
+
+
+def transformers_twin(model: Llama, attention: str = "eager") -> transformers.LlamaForCausalLM:
+    """transformers' LlamaForCausalLM with the same configuration and weights."""
     config = transformers.LlamaConfig(**model.config.to_hf())
-    config._attn_implementation = "eager"
+    config._attn_implementation = attention
     twin = transformers.LlamaForCausalLM(config)
     twin.load_state_dict(hf_state_dict(model.state_dict()))
     return twin.train()
 
 
-def steps(model: Llama, twin: transformers.LlamaForCausalLM, tokens: torch.Tensor) -> dict[str, Callable]:
+def _import_torchtitan_llama3() -> types.ModuleType:
+    """torchtitan's Llama 3 model module, imported without the package `__init__`s above it.
+
+    Those register torchtitan's training stack (float8 and MoE kernels that import triton, a GPU compiler
+    with no use on CPU); the model module itself needs only torch and a few small packages. Each skipped
+    package is entered in sys.modules as a bare namespace over its own folder, so the submodules the model
+    imports load as usual.
+    """
+    spec = importlib.util.find_spec("torchtitan")
+    if spec is None:
+        raise SystemExit("torchtitan is not installed: see benchmarks/README.md, 'Model forward + backward'")
+    root = Path(next(iter(spec.submodule_search_locations)))
+    for name, folder in (
+        ("torchtitan", root),
+        ("torchtitan.models", root / "models"),
+        ("torchtitan.models.llama3", root / "models" / "llama3"),
+    ):
+        package = types.ModuleType(name)
+        package.__path__ = [str(folder)]
+        sys.modules.setdefault(name, package)
+    return importlib.import_module("torchtitan.models.llama3.model.model")
+
+
+def halves_to_pairs(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Rows of a q or k weight [n_heads * head_dim, dim] from the halves (i, i + head_dim/2) that hermes
+    rotates to Meta's interleaved pairs (2i, 2i+1), which torchtitan rotates (the inverse of
+    `hermes.model.hf.meta_qk_to_hf`)."""
+    rows, dim = weight.shape
+    head_dim = rows // n_heads
+    # [heads, 2 halves, head_dim/2, dim] -> [heads, head_dim/2 pairs, 2 members, dim]
+    return weight.view(n_heads, 2, head_dim // 2, dim).transpose(1, 2).reshape(rows, dim)
+
+
+def torchtitan_twin(model: Llama) -> nn.Module:
+    """torchtitan's Llama 3 Transformer with the same configuration and weights, SDPA attention.
+
+    Raises:
+        ValueError: a shape torchtitan 0.2.0's Llama 3 cannot express (tied head, head_dim other than
+            dim / heads, RoPE without Llama 3.1 scaling, an FFN narrower than 8/3 dim).
+    """
+    llama3 = _import_torchtitan_llama3()
+    c = model.config
+    # torchtitan derives the FFN width: multiple_of * ceil(int(8 dim / 3) / multiple_of); with multiple_of
+    # = hidden_dim that is hidden_dim itself whenever int(8 dim / 3) <= hidden_dim.
+    fits = (
+        not c.tie_word_embeddings
+        and c.attention_head_dim * c.n_heads == c.dim
+        and isinstance(c.rope_scaling, RopeScaling)
+        and int(8 * c.dim / 3) <= c.hidden_dim
+    )
+    if not fits:
+        raise ValueError(f"torchtitan 0.2.0's Llama 3 cannot express this shape: {c}")
+    scaling = c.rope_scaling
+    args = llama3.TransformerModelArgs(
+        dim=c.dim,
+        n_layers=c.n_layers,
+        n_heads=c.n_heads,
+        n_kv_heads=c.n_kv_heads,
+        vocab_size=c.vocab_size,
+        multiple_of=c.hidden_dim,
+        ffn_dim_multiplier=None,
+        norm_eps=c.norm_eps,
+        rope_theta=c.rope_theta,
+        rope_scaling_args=llama3.RoPEScalingArgs(
+            scaling_factor=scaling.factor,
+            low_freq_factor=scaling.low_freq_factor,
+            high_freq_factor=scaling.high_freq_factor,
+            original_max_position_embeddings=scaling.original_max_position_embeddings,
+        ),
+        max_seq_len=c.max_seq_len,
+    )
+    twin = llama3.Transformer(args)
+    heads = {"attention.wq.weight": c.n_heads, "attention.wk.weight": c.n_kv_heads}
+    state = {}
+    for name, tensor in model.state_dict().items():
+        n = next((n for suffix, n in heads.items() if name.endswith(suffix)), None)
+        state[name] = halves_to_pairs(tensor, n) if n else tensor.clone()
+    twin.load_state_dict(state, strict=True)
+    return twin.train()
+
+
+# Part 1: one step of each model ---------------------------------------------------------------------------
+
+
+def next_token_labels(tokens: torch.Tensor) -> torch.Tensor:
+    """Targets already shifted (the target of position t is token t + 1), IGNORE_INDEX at each row's end."""
+    return torch.cat([tokens[:, 1:], torch.full_like(tokens[:, :1], IGNORE_INDEX)], dim=1)
+
+
+def model_steps(
+    model: Llama, twins: dict[str, nn.Module], tokens: torch.Tensor
+) -> dict[str, Callable[[], float]]:
     """One forward + backward of the mean token cross-entropy per variant; each returns the loss."""
-    labels = torch.cat([tokens[:, 1:], torch.full_like(tokens[:, :1], IGNORE_INDEX)], dim=1)
+    labels = next_token_labels(tokens)
     labelled = int((labels != IGNORE_INDEX).sum())
 
     def hermes_labels() -> float:
@@ -53,76 +182,214 @@ def steps(model: Llama, twin: transformers.LlamaForCausalLM, tokens: torch.Tenso
         loss.backward()
         return loss.item()
 
-    def hermes_logits() -> float:
-        logits = model(tokens).float()
-        loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+    def logits_step(net: nn.Module) -> Callable[[], float]:
+        def step() -> float:
+            logits = net(tokens)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
+            loss.backward()
+            return loss.item()
+
+        return step
+
+    def transformers_step(twin: nn.Module) -> Callable[[], float]:
+        def step() -> float:
+            loss = twin(input_ids=tokens, labels=tokens).loss  # transformers shifts the labels itself
+            loss.backward()
+            return loss.item()
+
+        return step
+
+    variants = {"hermes (labels)": hermes_labels, "hermes (logits)": logits_step(model)}
+    for name, twin in twins.items():
+        is_transformers = isinstance(twin, transformers.PreTrainedModel)
+        variants[name] = transformers_step(twin) if is_transformers else logits_step(twin)
+    return variants
+
+
+# Part 2: packed rows against the same samples padded -----------------------------------------------------
+
+
+def packed_and_padded(
+    vocab_size: int, rows: int, seq: int, seed: int = 0
+) -> tuple[PackedBatch, torch.Tensor, torch.Tensor]:
+    """`rows` packed rows of `seq` tokens filled with random samples (lognormal lengths, median seq / 4,
+    at least 16 tokens, every token trained), and the same samples one per row, right-padded to the longest.
+
+    Returns:
+        the packed batch, and the padded tokens and labels (shifted within each sample, IGNORE_INDEX on the
+        last token and on padding: the targets of the packed batch).
+    """
+    rng = np.random.default_rng(seed)
+    packed_rows: list[list[Sample]] = []
+    for _ in range(rows):
+        row, room = [], seq
+        while room:
+            length = min(room, max(16, int(rng.lognormal(math.log(seq / 4), 1.0))))
+            length = room if room - length < 16 else length
+            ids = rng.integers(0, vocab_size, length).tolist()
+            row.append(Sample(ids, ids))
+            room -= length
+        packed_rows.append(row)
+    samples = [sample for row in packed_rows for sample in row]
+    width = max(len(sample) for sample in samples)
+    tokens = torch.zeros(len(samples), width, dtype=torch.long)
+    labels = torch.full((len(samples), width), IGNORE_INDEX, dtype=torch.long)
+    for i, sample in enumerate(samples):
+        tokens[i, : len(sample)] = torch.tensor(sample.tokens)
+        labels[i, : len(sample) - 1] = torch.tensor(sample.tokens[1:])
+    return PackedBatch.from_rows(packed_rows, seq, pad_id=0), tokens, labels
+
+
+def packing_steps(
+    model: Llama, packed: PackedBatch, tokens: torch.Tensor, labels: torch.Tensor
+) -> dict[str, Callable[[], float]]:
+    """The training step of hermes on the packed rows and on the padded samples; each returns the loss."""
+    labelled = packed.num_labelled
+
+    def packed_step() -> float:
+        loss = -model(packed.tokens, packed.packing, labels=packed.labels).sum() / labelled
         loss.backward()
         return loss.item()
 
-    def hf() -> float:
-        loss = twin(input_ids=tokens, labels=tokens).loss
+    def padded_step() -> float:
+        loss = -model(tokens, labels=labels).sum() / labelled
         loss.backward()
         return loss.item()
 
-    return {"hermes (labels)": hermes_labels, "hermes (logits)": hermes_logits, "transformers": hf}
+    return {"packed": packed_step, "padded": padded_step}
+
+
+# Measurement ---------------------------------------------------------------------------------------------
+
+Figures = tuple[float, float, float]
+"""Median wall seconds, fastest wall seconds, median process CPU seconds."""
+
+
+def warm_up(
+    variants: dict[str, Callable[[], float]], reset: Callable[[], None]
+) -> dict[str, tuple[float, float]]:
+    """One untimed run of each variant: its loss and GFLOP; raises if the losses disagree."""
+    results = {}
+    for name, step in variants.items():
+        reset()
+        with FlopCounterMode(display=False) as counter:
+            loss = step()
+        results[name] = (loss, counter.get_total_flops() / 1e9)
+    losses = [loss for loss, _ in results.values()]
+    if max(losses) - min(losses) > 1e-4:
+        raise AssertionError(f"the variants disagree on the loss: {results}")
+    return results
+
+
+def rotated_runs(
+    variants: dict[str, Callable[[], float]], runs: int, reset: Callable[[], None]
+) -> dict[str, Figures]:
+    """`runs` timed runs of every variant, repetition r starting with the r-th variant (mod their count)."""
+    names = list(variants)
+    wall: dict[str, list[float]] = {name: [] for name in names}
+    cpu: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(runs):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            reset()
+            start, start_cpu = time.perf_counter(), time.process_time()
+            variants[name]()
+            wall[name].append(time.perf_counter() - start)
+            cpu[name].append(time.process_time() - start_cpu)
+    return {n: (statistics.median(wall[n]), min(wall[n]), statistics.median(cpu[n])) for n in names}
+
+
+def ratios(ours: Figures, theirs: Figures) -> str:
+    return "".join(f"{a / b:>11.3f}" for a, b in zip(ours, theirs))
+
+
+def print_figures(figures: dict[str, Figures], extra: dict[str, str], extra_header: str) -> None:
+    print(f"{'variant':<20}{extra_header}{'wall median s':>14}{'wall min s':>11}{'CPU median s':>13}")
+    for name, (median, fastest, cpu_median) in figures.items():
+        print(f"{name:<20}{extra[name]}{median:>14.3f}{fastest:>11.3f}{cpu_median:>13.3f}")
+
+
+# Main ----------------------------------------------------------------------------------------------------
+
+
+def run_models(config: LlamaConfig, args: argparse.Namespace) -> None:
+    torch.manual_seed(0)
+    model = Llama(config).train()
+    twins: dict[str, nn.Module] = {
+        "transformers eager": transformers_twin(model, "eager"),
+        "transformers sdpa": transformers_twin(model, "sdpa"),
+        "torchtitan": torchtitan_twin(model),
+    }
+    tokens = torch.randint(0, config.vocab_size, (args.batch, args.seq))
+    variants = model_steps(model, twins, tokens)
+
+    def reset() -> None:
+        for net in (model, *twins.values()):
+            net.zero_grad(set_to_none=True)
+
+    warm = warm_up(variants, reset)
+    figures = rotated_runs(variants, args.runs, reset)
+    params = sum(p.numel() for p in model.parameters())
+    print(
+        f"Part 1: {args.preset} ({params / 1e6:.1f}M parameters), batch {args.batch} x {args.seq} tokens, "
+        f"float32, {torch.get_num_threads()} threads, {args.runs} rotated runs, loss {warm['torchtitan'][0]:.4f}"
+    )
+    print_figures(figures, {name: f"{gflop:>6.0f}" for name, (_, gflop) in warm.items()}, f"{'GFLOP':>6}")
+    print(f"\n{'hermes / peer':<38}{'wall median':>11}{'wall min':>11}{'CPU median':>11}")
+    for ours in ("hermes (labels)", "hermes (logits)"):
+        for peer in twins:
+            print(f"{ours + ' / ' + peer:<38}{ratios(figures[ours], figures[peer])}")
+
+
+def run_packing(config: LlamaConfig, args: argparse.Namespace) -> None:
+    torch.manual_seed(0)
+    model = Llama(config).train()
+    packed, tokens, labels = packed_and_padded(config.vocab_size, args.batch, args.seq)
+    variants = packing_steps(model, packed, tokens, labels)
+
+    def reset() -> None:
+        model.zero_grad(set_to_none=True)
+
+    warm = warm_up(variants, reset)
+    figures = rotated_runs(variants, args.runs, reset)
+    lengths = packed.sample_lengths
+    print(
+        f"\nPart 2: hermes, {len(lengths)} samples of {min(lengths)}-{max(lengths)} tokens "
+        f"({packed.num_real_tokens} in all), {args.runs} rotated runs, loss {warm['packed'][0]:.4f}"
+    )
+    shapes = {
+        "packed": f"{f'{packed.rows} x {packed.seq_len}':>12}{packed.tokens.numel():>7}",
+        "padded": f"{f'{tokens.shape[0]} x {tokens.shape[1]}':>12}{tokens.numel():>7}",
+    }
+    print_figures(figures, shapes, f"{'rows x width':>12}{'slots':>7}")
+    print(f"\n{'packed / padded':<38}{ratios(figures['packed'], figures['padded'])}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--preset", default="tiny")
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--preset", default="tiny", help='a hermes preset or "mid" (default: tiny)')
+    parser.add_argument("--batch", type=int, default=2, help="rows (default: 2)")
+    parser.add_argument("--seq", type=int, default=512, help="tokens per row (default: 512)")
     parser.add_argument("--runs", type=int, default=5, help="timed runs per variant, after one warm-up")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
+    parser.add_argument("--skip-packing", action="store_true", help="part 1 only")
     args = parser.parse_args()
     transformers.logging.set_verbosity_error()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = model_config(args.preset)
+    versions = f"torch {torch.__version__}, transformers {transformers.__version__}"
+    print(f"{versions}, torchtitan {importlib.metadata.version('torchtitan')}, load average {_load()}")
+    run_models(config, args)
+    if not args.skip_packing:
+        run_packing(config, args)
+    print(f"load average at the end {_load()}")
 
-    torch.manual_seed(0)
-    config = LlamaConfig.preset(args.preset)
-    model = Llama(config).train()
-    twin = transformers_twin(model)
-    tokens = torch.randint(0, config.vocab_size, (args.batch, args.seq))
-    variants = steps(model, twin, tokens)
 
-    # Warm-up, untimed: counts each variant's FLOPs and checks that all compute the same loss.
-    losses, gflops = {}, {}
-    for name, step in variants.items():
-        with FlopCounterMode(display=False) as counter:
-            losses[name] = step()
-        gflops[name] = counter.get_total_flops() / 1e9
-    spread = max(losses.values()) - min(losses.values())
-    assert spread < 1e-4, f"the variants disagree on the loss: {losses}"
-    wall: dict[str, list[float]] = {name: [] for name in variants}
-    cpu: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(args.runs):
-        for name, step in variants.items():
-            model.zero_grad(set_to_none=True)
-            twin.zero_grad(set_to_none=True)
-            start, start_cpu = time.perf_counter(), time.process_time()
-            step()
-            wall[name].append(time.perf_counter() - start)
-            cpu[name].append(time.process_time() - start_cpu)
-
-    params = sum(p.numel() for p in model.parameters())
-    print(
-        f"preset {args.preset} ({params / 1e6:.1f}M parameters), batch {args.batch} x {args.seq} tokens, "
-        f"float32, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-        f"transformers {transformers.__version__}, {args.runs} runs, loss {losses['transformers']:.4f}"
-    )
-    summary = {
-        name: (statistics.median(wall[name]), min(wall[name]), statistics.median(cpu[name]))
-        for name in variants
-    }
-    reference = summary["transformers"]
-    print(
-        f"{'variant':<16}{'GFLOP':>6}{'wall median s':>14}{'wall min s':>11}{'CPU median s':>13}"
-        "   / transformers (wall median, wall min, CPU median)"
-    )
-    for name, figures in summary.items():
-        ratios = ", ".join(f"{ours / theirs:.2f}" for ours, theirs in zip(figures, reference))
-        median, fastest, cpu_median = figures
-        print(f"{name:<16}{gflops[name]:>6.0f}{median:>14.3f}{fastest:>11.3f}{cpu_median:>13.3f}   {ratios}")
+def _load() -> str:
+    return " / ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
 if __name__ == "__main__":

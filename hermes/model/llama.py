@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 from hermes.model.attention import KVCache, attention, masked_attention
 from hermes.model.config import LlamaConfig
 from hermes.model.inputs import IGNORE_INDEX, Packing
-from hermes.model.rope import apply_rope, rope_cos_sin, rope_frequencies
+from hermes.model.rope import RopeCache, apply_rope
 
 if TYPE_CHECKING:
     from torch.nn.modules.module import _IncompatibleKeys
@@ -38,7 +38,12 @@ store the table once, under the embedding's name (as transformers writes no lm_h
 
 
 class RMSNorm(nn.Module):
-    """x * rsqrt(mean(x^2) + eps), computed in float32, cast back, times a learned weight."""
+    """x * rsqrt(mean(x^2) + eps), computed in float32, cast back, times a learned weight.
+
+    On float32 inputs and weight the cast is the identity, and torch's rms_norm with the weight computes the
+    same in one op; other dtypes keep the cast before the product (one rounding of the normalised x, then
+    one of the product), as Meta's and Hugging Face's implementations round.
+    """
 
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -46,6 +51,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return normed.to(x.dtype) * self.weight
 
@@ -75,8 +82,9 @@ class Attention(nn.Module):
         cache: KVCache | None = None,
         layer_id: int = 0,
     ) -> torch.Tensor:
-        """Self-attention of x [batch, seq, dim]; with `cache`, over the cached positions of layer `layer_id`
-        as well (the cache's step must have begun, see `KVCache.begin`)."""
+        """Self-attention of x [batch, seq, dim], rotated by the RoPE tables cos, sin [batch, seq, head_dim]
+        of `rope_cos_sin`; with `cache`, over the cached positions of layer `layer_id` as well (the cache's
+        step must have begun, see `KVCache.begin`)."""
         batch, seq, _ = x.shape
         # -1 rather than n_heads: under tensor parallelism each rank holds a slice of the heads.
         q = self.wq(x).view(batch, seq, -1, self.head_dim)  # [batch, seq, heads, head_dim]
@@ -176,6 +184,7 @@ class Llama(nn.Module):
         )
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.output = OutputHead(config.dim, config.vocab_size, bias=False)
+        self.rope = RopeCache(config.attention_head_dim, config.rope_theta, config.rope_scaling)
         self.tie_weights()
         self.register_load_state_dict_post_hook(_tie_after_load)
         if self.output.weight.device.type != "meta":
@@ -262,6 +271,9 @@ class Llama(nn.Module):
     ) -> torch.Tensor:
         """Final normalised hidden states [batch, seq, dim] (see `forward` for the arguments)."""
         batch, seq = tokens.shape
+        # An upper bound on the positions when it is known without reading them (see RopeCache.cos_sin):
+        # positions that restart at each packed sample stay below the row length.
+        bound = seq if cu_seqlens is not None else None
         if cache is not None:
             if cu_seqlens is not None:
                 raise ValueError(
@@ -269,19 +281,13 @@ class Llama(nn.Module):
                 )
             cache.begin(seq)
             if position_ids is None:
-                position_ids = cache.positions(seq)
+                position_ids, bound = cache.positions(seq), cache.length + seq
         if position_ids is None:
             if cu_seqlens is not None:
                 raise ValueError("packed rows (cu_seqlens) need position_ids that restart at each sample")
-            position_ids = torch.arange(seq, device=tokens.device).expand(batch, seq)
+            position_ids, bound = torch.arange(seq, device=tokens.device).expand(batch, seq), seq
         h = self.tok_embeddings(tokens)
-        freqs = rope_frequencies(
-            self.config.attention_head_dim,
-            self.config.rope_theta,
-            self.config.rope_scaling,
-            device=tokens.device,
-        )
-        cos, sin = rope_cos_sin(position_ids, freqs)
+        cos, sin = self.rope.cos_sin(position_ids, bound)  # [batch, seq, head_dim] each, shared by the blocks
         for layer in self.layers:
             h = layer(h, cos, sin, cu_seqlens, max_seqlen, cache)
         if cache is not None:
@@ -305,7 +311,7 @@ class Llama(nn.Module):
             tokens: [batch, seq] token ids.
             packing: where packed samples start and end (position ids, cu_seqlens, max_seqlen in one
                 object, as `hermes.data.packing.PackedBatch.packing` gives it); or pass the three below.
-            position_ids: [batch, seq]; for packed rows they restart at 0 at each sample.
+            position_ids: [batch, seq]; for packed rows they restart at 0 at each sample (so stay below seq).
             cu_seqlens: int32 cumulative sample offsets into the flattened batch*seq tokens (packed rows).
             max_seqlen: longest sample in the batch (fused kernels use it).
             labels: [batch, seq] target ids, already shifted (the target of position t), IGNORE_INDEX where
