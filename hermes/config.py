@@ -86,7 +86,7 @@ class DataConfig:
         "record's position (hermes.data.holdout); 0 = none.",
         at_least=0.0,
     )
-    seq_len: int = _opt(512, "Tokens per packed row.")
+    seq_len: int = _opt(1024, "Tokens per packed row.")
     overlong: str = _opt(
         "truncate", "What to do with a sample longer than seq_len.", typing.get_args(OverlongPolicy)
     )
