@@ -4,27 +4,56 @@
 #      the few pure-Python packages the machine lacks, from wheels in $HERMES_WHEELS (default .whl/) when
 #      the machine reaches no package index;
 #   2. the GPU-marked tests (tests/test_gpu.py): each CUDA attention backend against the reference,
-#      bfloat16 mixed precision through FSDP, fused AdamW, and a one-process SFT run with CPU offload;
+#      bfloat16 mixed precision through FSDP, fused AdamW, a one-process SFT run with CPU offload, and one
+#      writing a step's profiler trace and CUDA memory snapshot;
 #   3. the SFT step on a Llama 3.1 8B slice (4 blocks, the real vocabulary and head) at 8,192 tokens per
 #      row, benchmarks/train_step.py --device cuda, summarised as tokens/s per GPU and MFU against the
 #      bfloat16 peak of the chip torch names.
 # Everything it prints also goes to OUT_DIR/gpu_check.log; each stage's own output to OUT_DIR/<stage>.log.
 #
 # Usage: benchmarks/gpu_check.sh OUT_DIR          (from any directory; PYTHON=python3 by default)
+#        benchmarks/gpu_check.sh --dry-run        (any machine: lists the packages it would install, the
+#                                                  commands it would run and the GPU-marked tests they hold)
 set -uo pipefail
 
-out=${1:?usage: benchmarks/gpu_check.sh OUT_DIR}
-mkdir -p "$out"
-out=$(cd "$out" && pwd)
+dry_run=0
+if [[ ${1:-} == --dry-run ]]; then
+    dry_run=1
+else
+    out=${1:?usage: benchmarks/gpu_check.sh OUT_DIR | --dry-run}
+    mkdir -p "$out"
+    out=$(cd "$out" && pwd)
+fi
 cd "$(dirname "$0")/.."
-exec > >(tee -a "$out/gpu_check.log") 2>&1
+((dry_run)) || exec > >(tee -a "$out/gpu_check.log") 2>&1
 python=${PYTHON:-python3}
 wheels=${HERMES_WHEELS:-.whl}
 export PYTHONUNBUFFERED=1
 start=$SECONDS
 status=0
+tests=(timeout -k 10 210 "$python" -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider)
+benchmark=(timeout -k 10 240 "$python" benchmarks/train_step.py --device cuda --layers 4 --seq-len 8192
+    --warmup 2 --steps 5)
 
 stage() { echo; echo "== $1 ($((SECONDS - start)) s)"; }
+
+# Modules hermes and its tests import that a CUDA image may lack, and the distribution of each.
+missing=()
+for pair in tomli_w:tomli-w llama_models:llama-models==0.3.0 pytest:pytest tqdm:tqdm; do
+    module=${pair%%:*}
+    if ! "$python" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('$module') is None)"; then
+        missing+=("${pair#*:}")
+    fi
+done
+
+if ((dry_run)); then
+    echo "would install (missing here): ${missing[*]:-nothing}, then hermes itself with --no-deps"
+    echo "would run: ${tests[*]}"
+    echo "would run: ${benchmark[*]}"
+    echo "GPU-marked tests:"
+    "$python" -m pytest --collect-only -q -m gpu tests/test_gpu.py -p no:cacheprovider | grep '::'
+    exit
+fi
 
 stage "device"
 if ! "$python" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; then
@@ -35,14 +64,6 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 "$python" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name())'
 
 stage "install"
-# Modules hermes and its tests import that a CUDA image may lack, and the distribution of each.
-missing=()
-for pair in tomli_w:tomli-w llama_models:llama-models==0.3.0 pytest:pytest; do
-    module=${pair%%:*}
-    if ! "$python" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('$module') is None)"; then
-        missing+=("${pair#*:}")
-    fi
-done
 if ((${#missing[@]})); then
     echo "installing ${missing[*]}"
     if [[ -d $wheels ]]; then
@@ -58,12 +79,10 @@ fi
 "$python" -c 'import hermes.train.sft' || { echo "hermes does not import: see above"; exit 1; }
 
 stage "GPU-marked tests"
-timeout -k 10 210 "$python" -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider 2>&1 \
-    | tee "$out/tests.log" || status=1
+"${tests[@]}" 2>&1 | tee "$out/tests.log" || status=1
 
 stage "SFT step, Llama 3.1 8B slice at 8192 tokens"
-timeout -k 10 240 "$python" benchmarks/train_step.py --device cuda --layers 4 --seq-len 8192 --warmup 2 \
-    --steps 5 2>&1 | tee "$out/train_step.log" || status=1
+"${benchmark[@]}" 2>&1 | tee "$out/train_step.log" || status=1
 
 stage "summary"
 "$python" - "$out/train_step.log" <<'EOF' | tee "$out/summary.txt" || status=1

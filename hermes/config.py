@@ -193,7 +193,18 @@ class DpoConfig:
 @dataclass
 class LoggingConfig:
     wandb: str = _opt("off", "Weights & Biases logging.", ("off", "offline", "online"))
-    progress: bool = _opt(True, "A progress line per step on rank 0.")
+    progress: bool = _opt(True, "A tqdm progress bar on rank 0 (step, epoch, loss, tokens/s, ETA).")
+    profile_steps: list[int] = _opt(
+        [],
+        "Steps (1-based) whose torch profiler trace goes to RUN_DIR/profile/step-N-rank-R.json.",
+        at_least=1,
+    )
+    memory_snapshot_step: int = _opt(
+        0,
+        "On CUDA, record the allocator's history from the first step and dump it after this step to "
+        "RUN_DIR/profile/memory-step-N-rank-R.pickle (pytorch.org/memory_viz); 0 = off.",
+        at_least=0,
+    )
 
 
 @dataclass
@@ -240,11 +251,12 @@ class ConfigError(ValueError):
 def _coerce(key: str, value: Any, annotation: Any, choices: tuple[Any, ...]) -> Any:
     origin = typing.get_origin(annotation)
     if origin is list:
-        if isinstance(value, str):
-            value = [v for v in value.split(",") if v]
-        if not isinstance(value, list):
-            raise ConfigError(f"{key} takes a list, got {value!r}")
         (item_type,) = typing.get_args(annotation)
+        if isinstance(value, str):
+            items = [v for v in value.split(",") if v]
+            value = items if item_type is str else [_parse_override_value(v) for v in items]
+        elif not isinstance(value, list):
+            value = [value]  # `--logging.profile_steps 3`: a list of one
         return [_coerce(key, v, item_type, ()) for v in value]
     if origin is dict:
         if not isinstance(value, dict):
@@ -263,7 +275,9 @@ def _coerce(key: str, value: Any, annotation: Any, choices: tuple[Any, ...]) -> 
 
 
 def _check_range(key: str, value: Any, at_least: float | None) -> None:
-    if at_least is not None and value < at_least:
+    """A number, or every item of a list of numbers, is at least `at_least`."""
+    values = value if isinstance(value, list) else [value]
+    if at_least is not None and any(v < at_least for v in values):
         raise ConfigError(f"{key} = {value!r} is out of range: it must be at least {at_least}")
 
 

@@ -2,9 +2,8 @@
 
 `plot_run(run_dir)` writes them to `run_dir/plots/`; `python -m hermes.plots RUN_DIR` does the same from
 the shell. Every plot is drawn against the optimizer step, with alternate epochs shaded. A plot is drawn
-when the log holds any of its keys (the DPO plots only for DPO runs). matplotlib is an optional
-dependency (`pip install 'hermes[plots]'`), imported only when plotting; figures are rendered with the
-Agg backend without touching pyplot's global state, so plotting works on headless nodes and inside
+when the log holds any of its keys (the DPO plots only for DPO runs). matplotlib is imported only when
+plotting; figures are rendered with the Agg backend without touching pyplot's global state, so plotting works on headless nodes and inside
 notebooks alike.
 """
 
@@ -90,7 +89,6 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         The paths of the PNG files written (`plots/<name>.png`), in the order of PLOTS.
 
     Raises:
-        ImportError: matplotlib is not installed.
         FileNotFoundError, ValueError: see `read_metrics`.
     """
     run_dir = Path(run_dir)
@@ -113,19 +111,18 @@ def make_figures(records: list[dict[str, Any]]) -> dict[str, Any]:
 
     Returns:
         {plot name: Figure}, in the order of PLOTS.
-
-    Raises:
-        ImportError: matplotlib is not installed.
     """
-    figure_class, canvas_class = _matplotlib()
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     figures = {}
     for plot in PLOTS:
         series = {key: _series(records, key) for key in plot.keys}
         series = {key: (steps, values) for key, (steps, values) in series.items() if steps}
         if not series:
             continue
-        figure = figure_class(figsize=FIGSIZE_INCHES, dpi=DPI, layout="constrained")
-        canvas_class(figure)
+        figure = Figure(figsize=FIGSIZE_INCHES, dpi=DPI, layout="constrained")
+        FigureCanvasAgg(figure)
         axes = figure.add_subplot()
         _shade_epochs(axes, records)
         for key, (steps, values) in series.items():
@@ -137,18 +134,6 @@ def make_figures(records: list[dict[str, Any]]) -> dict[str, Any]:
             axes.legend()
         figures[plot.name] = figure
     return figures
-
-
-def _matplotlib() -> tuple[type, type]:
-    """matplotlib's Figure and Agg canvas classes, or an ImportError saying how to install them."""
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError as error:
-        raise ImportError(
-            "Plotting needs matplotlib, an optional dependency: pip install 'hermes[plots]'."
-        ) from error
-    return Figure, FigureCanvasAgg
 
 
 def _series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
@@ -188,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         paths = plot_run(args.run_dir)
-    except (ImportError, OSError, ValueError) as error:
+    except (OSError, ValueError) as error:
         parser.error(str(error))
     for path in paths:
         print(path)

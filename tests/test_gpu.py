@@ -137,3 +137,25 @@ def test_one_process_sft_run_with_cpu_offload_trains_to_finite_losses(tmp_path):
     run_launch("sft.py", 1, overrides, timeout=240)
     losses = [record["loss"] for record in metrics(run_dir)]
     assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
+
+
+def test_memory_snapshot_of_a_step_holds_its_allocations_and_the_profile_its_kernels(tmp_path):
+    """logging.memory_snapshot_step and logging.profile_steps on CUDA: the pickled allocator history of step 1
+    holds allocations made by the run's blocks, and the step's trace holds CUDA kernels."""
+    import json
+    import pickle
+
+    run_dir = tmp_path / "run"
+    data = small_sft_data(tmp_path / "sft.jsonl", records=40)
+    overrides = [
+        *debug_overrides(run_dir, data, tmp_path / "cache", steps=2),
+        *("--logging.memory_snapshot_step", "1", "--logging.profile_steps", "2"),
+    ]
+    run_launch("sft.py", 1, overrides, timeout=240)
+    snapshot = pickle.loads((run_dir / "profile" / "memory-step-1-rank-0.pickle").read_bytes())
+    events = [event for trace in snapshot["device_traces"] for event in trace]
+    assert any(event["action"] == "alloc" for event in events)
+    frames = {frame["filename"] for event in events for frame in event.get("frames", [])}
+    assert any(name.endswith("hermes/model/llama.py") for name in frames)
+    trace = json.loads((run_dir / "profile" / "step-2-rank-0.json").read_text())["traceEvents"]
+    assert any(event.get("cat") == "kernel" for event in trace)

@@ -113,13 +113,6 @@ def test_bad_lines_are_named_by_file_and_line(tmp_path):
         read_metrics(path)
 
 
-def test_missing_matplotlib_says_how_to_install_it(tmp_path, monkeypatch):
-    run_dir = write_run(tmp_path / "run", SFT_METRICS)
-    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
-    with pytest.raises(ImportError, match=r"pip install 'hermes\[plots\]'"):
-        plot_run(run_dir)
-
-
 def test_command_writes_the_pngs_and_prints_their_paths(tmp_path):
     run_dir = write_run(tmp_path / "run", SFT_METRICS)
     command = [sys.executable, "-m", "hermes.plots"]

@@ -1,15 +1,14 @@
-"""Training metrics: FLOPs and MFU, memory, the per-step JSONL log, wandb, and the progress line."""
+"""Training metrics: FLOPs and MFU, memory, the per-step JSONL log, wandb, and the progress bar."""
 
 from __future__ import annotations
 
 import json
-import os
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from hermes.model.config import LlamaConfig
 
@@ -40,43 +39,94 @@ def training_flops(config: LlamaConfig, sample_lengths: list[int]) -> float:
 
 class MetricsLog:
     """Appends one JSON object per optimizer step to `metrics.jsonl` (rank 0), and one per validation
-    ({"step", "epoch", "val_loss"}), mirrors them to wandb when asked, and prints a progress line."""
+    ({"step", "epoch", "val_loss"}), mirrors them to wandb when asked, and shows a tqdm progress bar (step,
+    epoch, loss, tokens/s, elapsed and ETA) on standard error.
+
+    Args:
+        path: the metrics file (RUN_DIR/metrics.jsonl); wandb writes into its folder.
+        total_steps: the run's step count.
+        completed_steps: steps done before this process started (a resume starts the bar there).
+        wandb_mode: "off", "offline" or "online".
+        config_dict: the run configuration, recorded in the wandb run.
+        progress: show the bar.
+        run_name: the wandb run's display name.
+    """
 
     def __init__(
-        self, path: Path, total_steps: int, wandb_mode: str, config_dict: dict, progress: bool
+        self,
+        path: Path,
+        total_steps: int,
+        completed_steps: int,
+        wandb_mode: str,
+        config_dict: dict,
+        progress: bool,
+        run_name: str = "",
     ) -> None:
         self.path = path
-        self.total_steps = total_steps
-        self.progress = progress
-        self.started = time.monotonic()
         self.wandb = None
         if wandb_mode != "off":
-            import wandb
-
-            mode = wandb_mode if os.environ.get("WANDB_API_KEY") or wandb_mode == "offline" else "offline"
-            self.wandb = wandb.init(project="hermes", dir=str(path.parent), config=config_dict, mode=mode)
+            self.wandb = start_wandb(path.parent, wandb_mode, config_dict, run_name)
+        self.bar = tqdm(
+            total=total_steps,
+            initial=completed_steps,
+            unit="step",
+            file=sys.stderr,
+            dynamic_ncols=True,
+            disable=not progress,
+        )
 
     def log(self, record: dict[str, Any]) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         if self.wandb is not None:
             self.wandb.log(record, step=record["step"])
-        if self.progress and "loss" not in record:
-            print(f"step {record['step']} val_loss {record['val_loss']:.4f}", file=sys.stderr, flush=True)
-        elif self.progress:
-            done = record["step"] / max(1, self.total_steps)
-            bar = "#" * int(30 * done) + "-" * (30 - int(30 * done))
-            elapsed = time.monotonic() - self.started
-            line = (
-                f"[{bar}] step {record['step']}/{self.total_steps} epoch {record.get('epoch', 0)} "
-                f"loss {record['loss']:.4f} lr {record['lr']:.2e} {record['tokens_per_s']:.0f} tok/s "
-                f"{elapsed:.0f}s"
-            )
-            print(line, file=sys.stderr, flush=True)
+        if "loss" not in record:
+            if not self.bar.disable:
+                self.bar.write(f"step {record['step']} val_loss {record['val_loss']:.4f}", file=sys.stderr)
+            return
+        self.bar.set_postfix_str(
+            f"epoch {record.get('epoch', 0)} loss {record['loss']:.4f} lr {record['lr']:.2e} "
+            f"{record['tokens_per_s']:.0f} tok/s",
+            refresh=False,
+        )
+        self.bar.update(record["step"] - self.bar.n)
 
     def close(self) -> None:
+        self.bar.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+WANDB_ID_FILE = "wandb_run_id"
+"""RUN_DIR/wandb_run_id: the wandb run a resumed run continues."""
+
+
+def start_wandb(run_dir: Path, mode: str, config_dict: dict, name: str = "") -> Any:
+    """A wandb run logging into run_dir/wandb, with the id kept in run_dir/wandb_run_id: the first start
+    writes the id wandb drew there, every resume continues that run (`resume="allow"`).
+
+    Raises:
+        ImportError: wandb is not installed.
+    """
+    try:
+        import wandb
+    except ImportError as error:
+        raise ImportError(
+            f"logging.wandb = {mode!r} needs wandb: pip install 'hermes[wandb]', or set --logging.wandb off"
+        ) from error
+    id_file = run_dir / WANDB_ID_FILE
+    run_id = id_file.read_text().strip() if id_file.is_file() else None  # None: wandb draws one
+    run = wandb.init(
+        project="hermes",
+        name=name or None,
+        id=run_id,
+        resume="allow",
+        dir=str(run_dir),
+        config=config_dict,
+        mode=mode,
+    )
+    id_file.write_text(run.id + "\n")
+    return run
 
 
 def device_memory() -> dict[str, float]:

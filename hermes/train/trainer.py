@@ -15,9 +15,10 @@ A recipe reads, in order (hermes/train/sft.py):
 
 The Trainer owns resume, the iteration over steps, the micro-batches (gradient-sync policy, the compute
 device, the parallel layer's loss context), the reduction of the step's metric sums over the loss mesh,
-the non-finite-loss guard, clipping, optimizer and schedule, the metrics log, checkpoints, preemption,
-the end-of-run plots, and the validation loss the recipe asks for (`validate`). A step body returns
-per-rank sums that add up, over the loss mesh, to the global values (a local loss sum divided by the
+the non-finite-loss guard, clipping, optimizer and schedule, the metrics log and progress bar, the
+profiles asked for (hermes.train.profiling), checkpoints, preemption, the end-of-run plots, and the
+validation loss the recipe asks for (`validate`). A step body returns per-rank sums that add up, over the
+loss mesh, to the global values (a local loss sum divided by the
 global labelled-token count: FSDP does not average gradients, see hermes.parallel.fsdp).
 """
 
@@ -47,6 +48,7 @@ from hermes.parallel.tensor_parallel import loss_context
 from hermes.train.build import Environment, write_resolved_config
 from hermes.train.metrics import H100_BF16_PEAK_FLOPS, MetricsLog, device_memory, training_flops
 from hermes.train.optim import apply_hyperparameters, build_optimizer, build_scheduler, clip_gradients
+from hermes.train.profiling import StepProfiler
 
 ValidationSums = Callable[[nn.Module, StepBatch, Iterator[PackedBatch]], dict[str, torch.Tensor]]
 """A recipe's validation body: this rank's sums over the micro-batches of a batch, without backward."""
@@ -143,10 +145,18 @@ class Trainer:
             self._log = MetricsLog(
                 config.run_dir / "metrics.jsonl",
                 self.total_steps,
+                self.completed_steps,
                 config.logging.wandb,
                 dataclasses.asdict(config),
                 config.logging.progress,
+                config.run.name,
             )
+        self._profiler = StepProfiler(
+            config.run_dir / "profile",
+            env.rank,
+            config.logging.profile_steps,
+            config.logging.memory_snapshot_step,
+        )
         self._preemption = _Preemption()
         self._preempted = False
         self._started = 0.0
@@ -160,6 +170,7 @@ class Trainer:
     def batches(self) -> Iterator[StepBatch]:
         """The global batch of each remaining step, in training mode."""
         while self.completed_steps < self.total_steps and not self._preempted:
+            self._profiler.begin(self.completed_steps + 1)
             self._started = time.perf_counter()
             self.model.train()
             yield self.loader.next_batch()
@@ -206,6 +217,7 @@ class Trainer:
         record.update(device_memory())
         if self._log is not None:
             self._log.log(record)
+        self._profiler.end(step)
         self._preempted = stop.item() > 0
         epoch_end = self.epoch_ended = self.loader.epoch_finished
         every = self.config.train.checkpoint_every
@@ -286,15 +298,10 @@ def device_type_is_cuda() -> bool:
 
 
 def _plot(run_dir: Path) -> None:
-    """Loss, learning rate, throughput (and DPO reward) plots into <run dir>/plots, when matplotlib is there."""
-    try:
-        from hermes.plots import plot_run
+    """Loss, learning rate, throughput (and DPO reward) plots into <run dir>/plots."""
+    from hermes.plots import plot_run
 
-        written = plot_run(run_dir)
-    except ImportError as missing:
-        print(f"No plots: {missing}", flush=True)
-        return
-    print(f"Plots: {', '.join(str(p) for p in written)}", flush=True)
+    print(f"Plots: {', '.join(str(p) for p in plot_run(run_dir))}", flush=True)
 
 
 def _drop_records_after(metrics: Path, step: int) -> None:
