@@ -155,3 +155,48 @@ def test_neftune_and_lora_dropout_run_under_tensor_parallelism(workspace):
     # B = 0, so without noise the policy equals the reference and the loss is ln 2; NEFTune moves it.
     assert first["loss"] != pytest.approx(0.6931472, abs=1e-6)
     assert abs(first["loss"] - 0.6931472) < 0.05
+
+
+def _response_logprob(model: torch.nn.Module, tokens: list[int], labels: list[int]) -> float:
+    """The summed log-probability of a sample's labelled tokens in one plain forward pass."""
+    from hermes.data.sample import IGNORE_INDEX
+
+    logprobs = model(torch.tensor([tokens])).logits[0].double().log_softmax(-1)
+    targets = torch.tensor(labels[1:])
+    trained = targets != IGNORE_INDEX
+    return logprobs[:-1][trained].gather(1, targets[trained][:, None]).sum().item()
+
+
+def test_validation_pairs_give_the_dpo_loss_and_accuracy_of_a_hand_computation(workspace):
+    """Two FSDP processes, a quarter of the pairs held out, validation every 2 steps: the last validation
+    record equals the DPO loss, margin and accuracy worked out from the exported policy and the base."""
+    import torch.nn.functional as F
+    import transformers
+
+    from hermes.config import DataConfig, load_run_config
+    from hermes.data.pipeline import build_preference_samples
+    from hermes.train.build import chat_format
+
+    run = workspace / "validated"
+    extra = [*DETERMINISTIC, "--data.validation_fraction", "0.25", "--train.eval_every", "2"]
+    run_launch("dpo.py", 2, _args(workspace, "validated", extra))
+    validations = [r for r in metrics(run) if "val_loss" in r]
+    steps = [r["step"] for r in validations]
+    assert {2, 4} <= set(steps) and steps == sorted(set(steps))  # every 2 steps, and at epoch ends
+    config = load_run_config(run / "config.toml")
+    options = DataConfig(train=config.data.train, seq_len=256, validation_fraction=0.25)
+    held_out = build_preference_samples(config.data.train, chat_format(config), options, 0, "validation")
+    samples = held_out.samples
+    assert len(samples) >= 4 and len(samples) % 2 == 0
+    with torch.no_grad():
+        policy = transformers.AutoModelForCausalLM.from_pretrained(run / "hf").eval()
+        reference = transformers.AutoModelForCausalLM.from_pretrained(workspace / "base").eval()
+        logps = torch.tensor(
+            [[_response_logprob(m, s.tokens, s.labels) for s in samples] for m in (policy, reference)]
+        )
+    beta = config.dpo.beta
+    margin = beta * ((logps[0, 0::2] - logps[1, 0::2]) - (logps[0, 1::2] - logps[1, 1::2]))
+    last = validations[-1]
+    assert last["val_loss"] == pytest.approx(-F.logsigmoid(margin).mean().item(), rel=1e-4)
+    assert last["val_rewards/margins"] == pytest.approx(margin.mean().item(), rel=1e-4, abs=1e-6)
+    assert last["val_rewards/accuracies"] == pytest.approx((margin > 0).double().mean().item())

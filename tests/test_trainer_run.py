@@ -43,31 +43,40 @@ def test_fsdp_units_are_the_embedding_each_block_and_the_norm_with_the_head(tmp_
 
 
 @pytest.mark.slow
-def test_lora_sft_trains_only_the_adapter_and_exports_it(tmp_path):
+def test_lora_sft_trains_only_the_adapter_and_exports_it_merged_at_every_epoch(tmp_path):
+    """Two epochs of LoRA SFT on 2 FSDP processes: each epoch writes its adapter and, from merged copies,
+    its hf/ (which PEFT's merge of that adapter onto the base reproduces), and training goes on after."""
     import peft
     import transformers
 
     torch.manual_seed(0)
     base = tmp_path / "base"
     save_pretrained(Llama(LlamaConfig.preset("debug")), base)
-    data = small_sft_data(tmp_path / "data.jsonl", records=24)
+    data = small_sft_data(tmp_path / "data.jsonl", records=12)
     run_dir = tmp_path / "lora-sft"
-    args = [*debug_overrides(run_dir, data, tmp_path / "cache", 2), "--model.checkpoint", str(base)]
-    run_launch("sft.py", 1, [*args, "--lora.rank", "4", "--lora.dropout", "0", "--train.export_hf", "true"])
+    args = [*debug_overrides(run_dir, data, tmp_path / "cache", 0), "--model.checkpoint", str(base)]
+    args += ["--lora.rank", "4", "--lora.dropout", "0", "--train.export_hf", "true", "--train.epochs", "2"]
+    run_launch("sft.py", 2, [*args, "--train.export_every_epoch", "true"])
 
     stored = checkpointed_model_names(latest_checkpoint(run_dir / "checkpoints"))
     assert stored and all(".lora_A." in name or ".lora_B." in name for name in stored)
-    adapter = run_dir / "adapter"
-    assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 4
-    assert (adapter / "tokenizer_config.json").is_file() and (adapter / "tokenizer.json").is_file()
     tokens = torch.randint(0, 128256, (1, 16), generator=torch.Generator().manual_seed(0))
+    exports = {"final": run_dir, "epoch 1": run_dir / "epochs/epoch-1", "epoch 2": run_dir / "epochs/epoch-2"}
+    logits = {}
     with torch.no_grad():
-        plain = transformers.AutoModelForCausalLM.from_pretrained(base).eval()
-        before = plain(tokens).logits
-        adapted = peft.PeftModel.from_pretrained(plain, adapter).eval()
-        merged = transformers.AutoModelForCausalLM.from_pretrained(run_dir / "hf").eval()
-        torch.testing.assert_close(adapted(tokens).logits, merged(tokens).logits, atol=1e-5, rtol=1e-5)
-    assert not torch.allclose(merged(tokens).logits, before)  # the adapter did train
+        before = transformers.AutoModelForCausalLM.from_pretrained(base).eval()(tokens).logits
+        for name, directory in exports.items():
+            adapter = directory / "adapter"
+            assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 4, name
+            assert (adapter / "tokenizer_config.json").is_file() and (adapter / "tokenizer.json").is_file()
+            plain = transformers.AutoModelForCausalLM.from_pretrained(base).eval()
+            adapted = peft.PeftModel.from_pretrained(plain, adapter).eval()(tokens).logits
+            merged = transformers.AutoModelForCausalLM.from_pretrained(directory / "hf").eval()
+            logits[name] = merged(tokens).logits
+            torch.testing.assert_close(adapted, logits[name], atol=1e-5, rtol=1e-5, msg=name)
+    assert not torch.allclose(logits["epoch 1"], before)  # the adapter did train
+    assert not torch.allclose(logits["epoch 2"], logits["epoch 1"])  # and trained on after epoch 1's export
+    torch.testing.assert_close(logits["final"], logits["epoch 2"])
 
 
 def _failing_launch(script: str, args: list[str], tmp_path) -> str:

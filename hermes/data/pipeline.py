@@ -225,10 +225,11 @@ def build_sft_samples(
 
 
 def build_preference_samples(
-    paths: Sequence[str | os.PathLike], chat: ChatLike, options: DataConfig, seed: int
+    paths: Sequence[str | os.PathLike], chat: ChatLike, options: DataConfig, seed: int, split: Split = "train"
 ) -> BuiltSamples:
-    """Every preference sample of `paths` in memory, as `preference_shard` builds them (no mixture)."""
-    samples, summary = _in_memory(preference_shard, paths, chat, options, "train")
+    """Every preference sample of `paths` in memory, as `preference_shard` builds them (no mixture), of the
+    training or the validation split."""
+    samples, summary = _in_memory(preference_shard, paths, chat, options, split)
     return BuiltSamples(summary=summary, mixture=None, samples=samples)
 
 
@@ -353,12 +354,17 @@ def prepare_sft_dataset(
 
 
 def prepare_preference_dataset(
-    chat: ChatLike, options: DataConfig, seed: int, cache_root: Path, report_dir: Path | None = None
+    chat: ChatLike,
+    options: DataConfig,
+    seed: int,
+    cache_root: Path,
+    report_dir: Path | None = None,
+    split: Split = "train",
 ) -> Path:
     """Build (or find) the cached preference dataset (data.train, default: the bundled preference.jsonl)
     as interleaved (chosen, rejected) samples, the samples of `build_preference_samples`, and return its
-    directory. See `_prepare`."""
-    return _prepare("preference", chat, options, seed, cache_root, report_dir, "train")
+    directory; `split` as for `prepare_sft_dataset`. See `_prepare`."""
+    return _prepare("preference", chat, options, seed, cache_root, report_dir, split)
 
 
 def _prepare(

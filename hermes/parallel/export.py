@@ -1,6 +1,6 @@
 """Exports written from the shards at the end of a run: the Hugging Face model directory and the PEFT
-adapter (and, at each epoch end, the model of that epoch), and the FP8 (compressed-tensors) model directory, each with the tokenizer files and chat template the
-run trained with (hermes.data.chat_files). Collective: every rank writes the slices it holds; no rank
+adapter (and, at each epoch end, the model of that epoch), and the FP8 (compressed-tensors) model
+directory, each with the tokenizer files and chat template the run trained with (hermes.data.chat_files). Collective: every rank writes the slices it holds; no rank
 gathers the whole model."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch.distributed as dist
 from hermes.config import Config
 from hermes.data.chat_files import AnyChatFormat, save_chat_format
 from hermes.model.lora import lora_layers, save_adapter
-from hermes.parallel.materialize import merge_lora_into_shards
+from hermes.parallel.materialize import merge_lora_into_shards, merged_weights
 from hermes.parallel.sharded_hf import save_sharded
 
 
@@ -48,22 +48,24 @@ def export_adapter(config: Config, chat: AnyChatFormat, net: torch.nn.Module) ->
 def export_epoch(config: Config, chat: AnyChatFormat, net: torch.nn.Module, epoch: int) -> Path | None:
     """At an epoch end, when train.export_every_epoch is set: write the model as it is into
     <run dir>/epochs/epoch-K/hf, the final export's format (tokenizer and chat template in), for checkpoint
-    selection (hermes.select --run). A LoRA run writes only its adapter, to epochs/epoch-K/adapter: merging
-    it for an HF copy would leave the live model untrainable. Training goes on. Collective."""
+    selection (hermes.select --run). A LoRA run also writes its adapter to epochs/epoch-K/adapter, and its
+    hf/ from merged copies of the adapted weights (`merged_weights`): the live model stays unmerged and
+    training goes on. Returns the hf directory. Collective."""
     if not config.train.export_every_epoch:
         return None
     directory = config.run_dir / "epochs" / f"epoch-{epoch}"
+    weights = None
     if lora_layers(net):
-        directory = directory / "adapter"
-        save_adapter(net, directory, base_model_name_or_path=config.model.checkpoint)
+        save_adapter(net, directory / "adapter", base_model_name_or_path=config.model.checkpoint)
         if dist.get_rank() == 0:
-            save_chat_format(chat, directory, base_tokenizer_config=_base_tokenizer_config(config))
-    else:
-        directory = directory / "hf"
-        _save_hf(config, chat, net, directory)
+            save_chat_format(
+                chat, directory / "adapter", base_tokenizer_config=_base_tokenizer_config(config)
+            )
+        weights = merged_weights(net)
+    _save_hf(config, chat, net, directory / "hf", weights)
     if dist.get_rank() == 0:
         print(f"Exported epoch {epoch} to {directory}", flush=True)
-    return directory
+    return directory / "hf"
 
 
 def export_fp8(config: Config, chat: AnyChatFormat, net: torch.nn.Module) -> Path | None:
@@ -84,10 +86,17 @@ def export_fp8(config: Config, chat: AnyChatFormat, net: torch.nn.Module) -> Pat
     return directory
 
 
-def _save_hf(config: Config, chat: AnyChatFormat, net: torch.nn.Module, directory: Path) -> None:
-    """The sharded Hugging Face export, its config.json naming the tokenizer's BOS and end of turn."""
+def _save_hf(
+    config: Config,
+    chat: AnyChatFormat,
+    net: torch.nn.Module,
+    directory: Path,
+    weights: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """The sharded Hugging Face export (of `weights`, if given, else of the model's own), its config.json
+    naming the tokenizer's BOS and end of turn."""
     net.config = net.config.replace(bos_token_id=chat.tokenizer.bos_id, eos_token_id=chat.end_of_turn)
-    save_sharded(net, directory)
+    save_sharded(net, directory, weights=weights)
     if dist.get_rank() == 0:
         save_chat_format(chat, directory, base_tokenizer_config=_base_tokenizer_config(config))
 

@@ -11,11 +11,11 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
-from torch.distributed.tensor import distribute_tensor
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from hermes.model.hf import is_dtensor
-from hermes.model.lora import lora_layers, lora_state_dict, unwrap_lora
+from hermes.model.lora import LoRALinear, lora_layers, lora_state_dict, unwrap_lora
 
 # A LoRA-adapted projection keeps the plain model's Linear as its child `base` (hermes.model.lora).
 _LORA_BASE = re.compile(r"(.+)\.base\.(weight)")
@@ -61,21 +61,44 @@ def copy_whole_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> Non
         _copy_part(target, state[name])
 
 
+def _merged_part(layer: LoRALinear) -> torch.Tensor:
+    """This rank's part of a LoRA layer's base weight plus (alpha / r) * B @ A, in float32 (the update is
+    formed whole, one layer at a time, on the weight's device). Collective: the adapters are gathered."""
+    weight = layer.base.weight
+    local = weight.to_local() if is_dtensor(weight) else weight
+    return local.float() + _local_part(weight, layer.delta_weight().to(local.device))
+
+
 @torch.no_grad()
 def merge_lora_into_shards(model: nn.Module) -> nn.Module:
     """`hermes.model.lora.merge_lora` for a sharded model: each rank adds to its shard of every base weight
-    its part of (alpha / r) * B @ A (formed whole in float32, one layer at a time, on the weight's device),
-    then the base Linears go back in place. Collective: the small adapters are gathered.
+    its part of the adapter's update, then the base Linears go back in place. Collective.
 
     The merged model serves its weights (`state_dict`, `hermes.parallel.sharded_hf.save_sharded`); its
-    parallel wrappers still hold the dropped adapters, so it is not for further training.
+    parallel wrappers still hold the dropped adapters, so it is not for further training (for a copy that
+    leaves the model trainable, see `merged_weights`).
     """
     for _, layer in lora_layers(model):
         weight = layer.base.weight
-        local = weight.to_local() if is_dtensor(weight) else weight
-        delta = layer.delta_weight().to(local.device)
-        local.copy_(local.float() + _local_part(weight, delta))
+        (weight.to_local() if is_dtensor(weight) else weight).copy_(_merged_part(layer))
     return unwrap_lora(model)
+
+
+@torch.no_grad()
+def merged_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """`base_weights(model)` with every LoRA layer's update added, in new tensors (sharded as the weights
+    are): what the merged model would hold, while the model itself stays as it is and trainable. Costs one
+    more copy of this rank's shards of the adapted weights. Collective."""
+    weights = base_weights(model)
+    for name, layer in lora_layers(model):
+        weight = layer.base.weight
+        merged = _merged_part(layer).to(weight.dtype)
+        if is_dtensor(weight):
+            merged = DTensor.from_local(
+                merged, weight.device_mesh, weight.placements, shape=weight.shape, stride=weight.stride()
+            )
+        weights[f"{name}.weight"] = merged
+    return weights
 
 
 class _WholeTensorDraws(TorchDispatchMode):

@@ -66,7 +66,12 @@ def load_sharded(model: nn.Module, directory: str | os.PathLike) -> None:
     dcp.load(state, storage_reader=HuggingFaceStorageReader(str(directory)))
 
 
-def save_sharded(model: Llama, directory: str | os.PathLike, max_shard_bytes: int = 5 * 2**30) -> None:
+def save_sharded(
+    model: Llama,
+    directory: str | os.PathLike,
+    max_shard_bytes: int = 5 * 2**30,
+    weights: Mapping[str, torch.Tensor] | None = None,
+) -> None:
     """Write a (sharded or not) plain Llama as a Hugging Face checkpoint, each rank writing what it holds:
     the same files, names, dtype and tensors as `hermes.model.hf.save_pretrained` writes for the unsharded
     model (merge LoRA adapters first). Written beside `directory` and moved into it as `save_pretrained`
@@ -76,8 +81,11 @@ def save_sharded(model: Llama, directory: str | os.PathLike, max_shard_bytes: in
         model: the model; its parameters' dtype is kept and recorded as config.json's torch_dtype.
         directory: the checkpoint directory (created with its parents if missing).
         max_shard_bytes: the largest file's payload, in bytes (a single larger tensor gets its own).
+        weights: the plain model's weights by hermes name, in place of `model.state_dict()` (e.g.
+            `hermes.parallel.materialize.merged_weights` of a model with LoRA adapters).
     """
-    state = {hf_name(name): t for name, t in stored_state(model.state_dict(), model.config).items()}
+    weights = model.state_dict() if weights is None else weights
+    state = {hf_name(name): t for name, t in stored_state(weights, model.config).items()}
     dtype = next(iter(state.values())).dtype
     save_state_sharded(
         state, directory, max_shard_bytes, lambda staging: write_config_json(staging, model.config, dtype)

@@ -146,17 +146,28 @@ def sft_dataset(config: Config, env: Environment) -> TokenizedDataset:
     return _cached_dataset(config, env, prepare_sft_dataset)
 
 
-def sft_validation_dataset(config: Config, env: Environment) -> TokenizedDataset | None:
-    """The validation conversations (data.validation and the held-out records of data.train, see
-    hermes.data.holdout), rendered as the training ones; None when there are none configured."""
+def _validation_dataset(config: Config, env: Environment, prepare) -> TokenizedDataset | None:
+    """data.validation's records and those data.validation_fraction holds out of data.train (see
+    hermes.data.holdout), prepared as the training ones; None when neither is configured."""
     if not config.data.validation and not config.data.validation_fraction:
         return None
-    return TokenizedDataset.load(_cache_directory(config, env, prepare_sft_dataset, split="validation"))
+    return TokenizedDataset.load(_cache_directory(config, env, prepare, split="validation"))
+
+
+def sft_validation_dataset(config: Config, env: Environment) -> TokenizedDataset | None:
+    """The validation conversations, rendered as the training ones (`_validation_dataset`)."""
+    return _validation_dataset(config, env, prepare_sft_dataset)
 
 
 def preference_dataset(config: Config, env: Environment) -> TokenizedDataset:
-    """Preference pairs as interleaved (chosen, rejected) samples (data.train, default: the bundled example)."""
+    """Preference pairs as interleaved (chosen, rejected) samples (data.train, default: the bundled example),
+    without the pairs data.validation_fraction holds out."""
     return _cached_dataset(config, env, prepare_preference_dataset)
+
+
+def preference_validation_dataset(config: Config, env: Environment) -> TokenizedDataset | None:
+    """The validation pairs, as interleaved (chosen, rejected) samples (`_validation_dataset`)."""
+    return _validation_dataset(config, env, prepare_preference_dataset)
 
 
 def loader(config: Config, env: Environment, dataset: TokenizedDataset, group_size: int = 1) -> PackedLoader:

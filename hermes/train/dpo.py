@@ -1,6 +1,11 @@
 """Direct preference optimisation through a LoRA adapter, in reading order: configuration -> data ->
 model -> trainer -> step -> export. The reference model is the same weights with the adapter switched off
 (no second copy), and NEFTune noise goes into the policy's training forward passes only.
+
+Validation (data.validation, data.validation_fraction: held-out pairs) runs every train.eval_every steps
+and at every epoch end: the DPO loss, rewards and accuracies of the validation pairs, means over all of
+them (`val_loss`, `val_rewards/accuracies`, ...). With train.export_every_epoch each epoch writes its
+adapter and merged model (hermes.parallel.export.export_epoch).
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from hermes.data.loader import StepBatch
 from hermes.data.packing import PackedBatch
 from hermes.model.lora import adapter_disabled
 from hermes.parallel.build import build_model
-from hermes.parallel.export import export_adapter, export_fp8
+from hermes.parallel.export import export_adapter, export_epoch, export_fp8
 from hermes.train import build
 from hermes.train.losses import dpo_loss, segment_sums
 from hermes.train.neftune import neftune
@@ -82,6 +87,33 @@ def dpo_step(
     return totals
 
 
+@torch.no_grad()
+def dpo_validation(
+    model: nn.Module, batch: StepBatch, micro_batches: Iterable[PackedBatch], config: DpoConfig
+) -> dict[str, torch.Tensor]:
+    """This rank's sums over its pairs of `batch` of the DPO loss and metrics (no backward, no NEFTune; the
+    Trainer has put the model in eval mode): `Trainer.validate` divides them by the global pair count."""
+    totals = dict.fromkeys(DPO_METRICS, torch.zeros(()))
+    for micro in micro_batches:
+        with adapter_disabled(model):
+            reference = sequence_logprobs(model, micro)
+        policy = sequence_logprobs(model, micro)
+        pairs = policy.numel() // 2
+        if pairs == 0:
+            continue
+        loss, metrics = dpo_loss(
+            policy[0::2], policy[1::2], reference[0::2], reference[1::2], config.beta, config.label_smoothing
+        )
+        for key, value in {"loss": loss, **metrics}.items():
+            totals[key] = totals[key].to(value.device) + value * pairs
+    return totals
+
+
+def pairs(batch: StepBatch) -> int:
+    """The global batch's pair count: what DPO's metrics are means over."""
+    return len(batch.global_sample_lengths) // 2
+
+
 def main(argv: list[str] | None = None) -> DPOConfig:
     """Run DPO as configured by `argv` (`[--config FILE] [--section.key value ...]`)."""
     config = parse_args(sys.argv[1:] if argv is None else argv, DPOConfig)
@@ -92,11 +124,23 @@ def main(argv: list[str] | None = None) -> DPOConfig:
     env = build.environment(config)
     dataset = build.preference_dataset(config, env)
     loader = build.loader(config, env, dataset, group_size=2)
+    validation = build.preference_validation_dataset(config, env)
+    validation_loader = (
+        build.loader(config, env, validation, group_size=2) if validation is not None else None
+    )
     model = build_model(config, env.meshes, env.device, lora=config.lora)
     trainer = Trainer(config, env, model, loader, trainable_only_checkpoints=True, reference_forward=True)
     sequence_shard = (env.meshes.tp.get_local_rank(), env.dims.tp)
+
+    def validation_sums(model: nn.Module, batch: StepBatch, micro_batches: Iterable[PackedBatch]) -> dict:
+        return dpo_validation(model, batch, micro_batches, config.dpo)
+
     for batch in trainer.batches():
         trainer.step(batch, dpo_step(model, batch, trainer.micro_batches(batch), config.dpo, sequence_shard))
+        if validation_loader is not None and trainer.validation_due:
+            trainer.validate(validation_loader, validation_sums, per=pairs)
+        if trainer.epoch_ended:
+            export_epoch(config, env.chat, model, trainer.epoch)
     if trainer.finish():
         export_adapter(config, env.chat, model)
         export_fp8(config, env.chat, model)

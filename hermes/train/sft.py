@@ -45,12 +45,13 @@ def sft_step(
 def sft_nll(
     model: nn.Module, batch: StepBatch, micro_batches: Iterable[PackedBatch]
 ) -> dict[str, torch.Tensor]:
-    """This rank's summed negative log-likelihood over the labelled tokens of `batch` (no backward)."""
+    """This rank's summed negative log-likelihood over the labelled tokens of `batch` (no backward): the
+    validation loss's sum (`Trainer.validate`)."""
     total = torch.zeros(())
     for micro in micro_batches:
         logprobs = model(micro.tokens, micro.packing, labels=micro.labels)
         total = total.to(logprobs.device) - logprobs.sum()
-    return {"nll": total}
+    return {"loss": total}
 
 
 def main(argv: list[str] | None = None) -> Config:

@@ -7,7 +7,7 @@ A recipe reads, in order (hermes/train/sft.py):
         sums = step(model, batch, trainer.micro_batches(batch))   # forward, loss, backward
         trainer.step(batch, sums)                        # reduce, guard, clip, update, log, checkpoint
         if trainer.validation_due:                       # train.eval_every steps and every epoch end
-            trainer.validate(validation_loader, nll)     # val_loss, logged as its own record
+            trainer.validate(validation_loader, sums)    # val_loss, logged as its own record
         if trainer.epoch_ended:
             export_epoch(...)                            # epochs/epoch-K (train.export_every_epoch)
     if trainer.finish():                                 # False when preempted: no final export
@@ -52,6 +52,11 @@ from hermes.train.profiling import StepProfiler
 
 ValidationSums = Callable[[nn.Module, StepBatch, Iterator[PackedBatch]], dict[str, torch.Tensor]]
 """A recipe's validation body: this rank's sums over the micro-batches of a batch, without backward."""
+
+
+def labelled_tokens(batch: StepBatch) -> int:
+    """The labelled-token count of a global batch: what SFT's losses are divided by."""
+    return batch.global_labelled_tokens
 
 
 class NonFiniteLossError(RuntimeError):
@@ -238,29 +243,37 @@ class Trainer:
         return self.epoch_ended or bool(every and self.completed_steps % every == 0)
 
     @torch.no_grad()
-    def validate(self, loader: PackedLoader, nll: ValidationSums) -> float:
-        """The mean negative log-likelihood per labelled token of `loader`'s whole data (one pass over its
-        first epoch's plan) under the current weights, without gradients and in eval mode (no dropout):
-        the NLL summed over every labelled token on all ranks, divided by their global count, the
-        normalisation of the training loss. Logged as {"step", "epoch", "val_loss"}; collective.
+    def validate(
+        self, loader: PackedLoader, sums: ValidationSums, per: Callable[[StepBatch], int] = labelled_tokens
+    ) -> float:
+        """Validation metrics over `loader`'s whole data (one pass over its first epoch's plan) under the
+        current weights, without gradients and in eval mode (no dropout): each of the body's per-rank sums
+        is added over all batches and the loss mesh and divided by the global count `per` gives each batch
+        (labelled tokens, the training loss's normalisation, by default; pairs for DPO). Logged as one
+        record {"step", "epoch", "val_<name>", ...}; returns the validation loss (`val_loss`). Collective.
 
         Args:
             loader: the validation data's loader (its position is reset: every call reads the same rows).
-            nll: (model, batch, micro-batches) -> {"nll": this rank's summed NLL over labelled tokens}.
+            sums: (model, batch, micro-batches) -> {name: this rank's sum over the batch}, with "loss"
+                among the names (SFT: the summed NLL of the labelled tokens).
+            per: the global count of the units the sums are over, for one batch.
         """
         self.model.eval()
         loader.epoch, loader.step_in_epoch = 1, 0
-        total = torch.zeros((), device=self.device)
-        labelled = 0
+        totals: dict[str, torch.Tensor] = {}
+        count = 0
         for _ in range(loader.steps_per_epoch):
             batch = loader.next_batch()
-            total += nll(self.model, batch, self.micro_batches(batch))["nll"].to(self.device).float()
-            labelled += batch.global_labelled_tokens
-        dist.all_reduce(total, group=self.env.meshes.loss.get_group())
-        loss = total.item() / labelled
+            for name, value in sums(self.model, batch, self.micro_batches(batch)).items():
+                totals[name] = totals.get(name, 0) + value.to(self.device).float()
+            count += per(batch)
+        names = sorted(totals)
+        values = torch.stack([totals[name].reshape(()) for name in names])
+        dist.all_reduce(values, group=self.env.meshes.loss.get_group())
+        metrics = {f"val_{name}": value / count for name, value in zip(names, values.tolist())}
         if self._log is not None:
-            self._log.log({"step": self.completed_steps, "epoch": self.epoch, "val_loss": loss})
-        return loss
+            self._log.log({"step": self.completed_steps, "epoch": self.epoch, **metrics})
+        return metrics["val_loss"]
 
     def _non_finite_message(self, loss: float, step: int, epoch: int) -> str:
         where = f"Loss is {loss} at step {step} (epoch {epoch}); stopping before the update."
