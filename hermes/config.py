@@ -149,8 +149,15 @@ class TrainConfig:
     )
     export_every_epoch: bool = _opt(
         False,
-        "At each epoch end write <run dir>/epochs/epoch-K/hf (LoRA runs: epochs/epoch-K/adapter, the adapter "
-        "only).",
+        "At each epoch end write <run dir>/epochs/epoch-K/hf (LoRA runs: also epochs/epoch-K/adapter).",
+    )
+    epoch_tasks: list[str] = _opt(
+        [],
+        "lm-eval tasks each epoch's export is evaluated on during the run, into epochs/epoch-K/lm_eval.json "
+        "(needs train.export_every_epoch and lm-eval; rank 0 evaluates while the others wait).",
+    )
+    epoch_tasks_include: str = _opt(
+        "", "A folder of task YAMLs for train.epoch_tasks (lm-eval's include_path)."
     )
     export_fp8: bool = _opt(
         False, "Also write an FP8 (compressed-tensors FP8_DYNAMIC) directory (<run dir>/fp8) at the end."

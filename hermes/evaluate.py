@@ -3,15 +3,18 @@ PIQA.
 
     python -m hermes.evaluate --model DIR [--adapter DIR] ITEMS.jsonl [--json] [--fp8 | --compare-fp8]
 
-Each line of ITEMS.jsonl is an item {"context": str, "choices": [str, ...], "answer": int}. Every choice is
-scored as the log-probability of its tokens after the context: BOS, the context, then the choice, with the text
-concatenated as written. Where the separating space goes matters for `acc_norm` only: to match lm-eval, put it
-at the end of the context, as lm-eval's ARC and HellaSwag tasks do ("Question: ...\nAnswer: " + "Paris": their
-`target_delimiter` " " is not part of the choice they divide by); with the space inside the choice (" Paris"),
-`acc_norm` divides by one more character than lm-eval's ARC. As
-lm-eval does, whitespace that ends the context is moved to the front of the choice before tokenizing (so
-"Answer: " + "Paris" is scored as "Answer:" then " Paris"), and the choice's tokens are those of the whole
-text after the context's own tokens.
+Each line of ITEMS.jsonl is an item {"context": str, "choices": [str, ...], "answer": int}. A choice is scored
+as lm-eval's `hf` model scores a continuation: whitespace that ends the context is first moved to the front
+of the choice ("Answer: " + "Paris" becomes "Answer:" + " Paris"); the choice's tokens are those of BOS +
+context + choice, tokenized whole, past the tokens of BOS + context alone; its score is the sum of their
+log-probabilities.
+
+Where the separating space belongs. lm-eval's ARC and HellaSwag tasks score their prompt, then their
+`target_delimiter` " ", then the choice, and `acc_norm` divides by `len(choice)`, the choice without that
+space. Write such an item with the space at the end of the context ("Question: ...\nAnswer: " + "Paris"):
+the tokens and the divisor are then lm-eval's, and so are `acc` and `acc_norm`. With the space inside the
+choice ("Question: ...\nAnswer:" + " Paris") the tokens are the same, so `acc` does not change, but
+`acc_norm` divides by one more character than lm-eval's ARC does.
 
 - `acc`: the choice with the highest summed log-probability is the answer.
 - `acc_norm`: the same with each sum divided by the choice's length in characters (`len(choice)`, the string

@@ -29,9 +29,11 @@ epoch 1 is chosen.
 
 In one command (`python -m hermes.select --run RUN_DIR --tasks TASKS [--include-path DIR] [--groups GROUPS]`):
 every epoch model a run exported (`train.export_every_epoch`: RUN_DIR/epochs/epoch-K/hf) is evaluated with
-lm-evaluation-harness (the optional `eval` extra, `lm_eval.simple_evaluate` with the `hf` model), its
-result written to RUN_DIR/epochs/epoch-K/lm_eval.json, and the table below is printed from those files.
-`--include-path` adds a folder of task YAMLs (a local task over a local JSONL file works offline).
+lm-evaluation-harness (the optional `eval` extra, `lm_eval.simple_evaluate` with the `hf` model, in float32
+unless `--dtype` says otherwise, on `--device`, default the GPU when there is one), its result written to
+RUN_DIR/epochs/epoch-K/lm_eval.json, and the table below is printed from those files. `--include-path` adds
+a folder of task YAMLs (a local task over a local JSONL file works offline). `evaluate_epoch` does the same
+for one model directory, e.g. after each epoch's export while training.
 
 Inputs (`python -m hermes.select FILE [FILE ...] [--groups GROUPS] [--json]`):
 
@@ -53,12 +55,15 @@ Inputs (`python -m hermes.select FILE [FILE ...] [--groups GROUPS] [--json]`):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import difflib
 import json
 import math
+import random
 import statistics
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -320,41 +325,169 @@ def epoch_models(run_dir: str | Path) -> list[tuple[int, Path]]:
             found.append((int(number), directory))
     if not found:
         raise SelectionError(
-            f"{run_dir}: no epochs/epoch-K/hf model; train with --train.export_every_epoch true (a LoRA run "
-            "exports only epochs/epoch-K/adapter, which this command does not evaluate)."
+            f"{run_dir}: no epochs/epoch-K/hf model; train with --train.export_every_epoch true."
         )
     return sorted(found)
 
 
-def evaluate_epoch(model_dir: Path, tasks: list[str], include_path: str | None, output: Path) -> Path:
-    """Evaluate one epoch's model on `tasks` with lm-evaluation-harness and write its result file.
+def evaluate_epoch(
+    model_dir: str | Path,
+    tasks: Sequence[str],
+    output: str | Path,
+    *,
+    include_path: str | Path | None = None,
+    device: str | None = None,
+    dtype: str = "float32",
+    batch_size: int | str = 1,
+) -> Path | None:
+    """Evaluate one exported model with lm-evaluation-harness and write the result file `load_scores` reads.
+
+    It runs `lm_eval.simple_evaluate` with lm-eval's `hf` model, which loads `model_dir` afresh, so it can also
+    be called during training, after each epoch's export. lm-eval seeds Python's, NumPy's and torch's random
+    generators; their states are restored afterwards, so the caller's random streams go on as if it had not
+    run.
+
+    Args:
+        model_dir: a Hugging Face model directory with its tokenizer files (RUN_DIR/epochs/epoch-K/hf).
+        tasks: lm-eval task or group names, or paths of task YAML files.
+        output: the JSON file to write (RUN_DIR/epochs/epoch-K/lm_eval.json); its folder must exist.
+        include_path: a folder of extra task YAMLs (a local task over a local JSONL file runs offline). When
+            it defines every one of `tasks`, lm-eval's built-in tasks are not indexed at all (that takes
+            seconds).
+        device: "cpu", "cuda", "cuda:1", ...; None: "cuda" when torch sees a GPU, else "cpu" (lm-eval's own
+            default is "cuda", which fails on a machine without one).
+        dtype: the dtype the model is evaluated in.
+        batch_size: lm-eval's batch size, a number or "auto".
+
+    Returns:
+        `output`, or None where lm-eval returns no results (in every process but the first of a multi-GPU
+        data-parallel evaluation, where lm-eval shards the items over the processes).
 
     Raises:
         ImportError: lm-eval is not installed.
+        SelectionError: a task lm-eval does not know, or an `include_path` that is not a folder.
     """
+    import torch
+
     try:
         import lm_eval
-        from lm_eval.tasks import TaskManager
         from lm_eval.utils import handle_non_serializable
     except ImportError as error:
         raise ImportError("--run needs lm-evaluation-harness: pip install 'hermes[eval]'") from error
-    results = lm_eval.simple_evaluate(
-        model="hf",
-        model_args={"pretrained": str(model_dir), "dtype": "float32"},
-        tasks=tasks,
-        task_manager=TaskManager(include_path=include_path),
-        log_samples=False,
-    )
+    manager = _task_manager(list(tasks), include_path)
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    with _random_state_kept():
+        results = lm_eval.simple_evaluate(
+            model="hf",
+            model_args={"pretrained": str(model_dir), "dtype": dtype},
+            tasks=list(tasks),
+            task_manager=manager,
+            device=device,
+            batch_size=batch_size,
+            log_samples=False,
+        )
+    if results is None:
+        return None
+    output = Path(output)
     output.write_text(json.dumps(results, indent=2, default=handle_non_serializable))
     return output
 
 
-def evaluate_run(run_dir: str | Path, tasks: list[str], include_path: str | None = None) -> list[Path]:
-    """Evaluate every epoch model of `run_dir` (`epoch_models`); returns the result files, in epoch order."""
-    return [
-        evaluate_epoch(directory, tasks, include_path, directory.parent / "lm_eval.json")
-        for _, directory in epoch_models(run_dir)
-    ]
+def check_tasks(tasks: Sequence[str], include_path: str | Path | None = None) -> None:
+    """Fail now, before any work, when lm-eval is missing or does not know one of `tasks`.
+
+    Raises:
+        ImportError: lm-eval is not installed.
+        SelectionError: as `evaluate_epoch` would raise it for these tasks.
+    """
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError as error:
+        raise ImportError("evaluating with lm-eval needs it installed: pip install 'hermes[eval]'") from error
+    _task_manager(list(tasks), include_path)
+
+
+def _task_manager(tasks: list[str], include_path: str | Path | None) -> Any:
+    """An lm-eval TaskManager that knows every one of `tasks`; only `include_path`'s when it defines them all.
+
+    Raises:
+        SelectionError: `include_path` is not a folder, or a task is in neither index (named, with close
+            matches).
+    """
+    from lm_eval.tasks import TaskManager
+
+    if include_path is not None:
+        if not Path(include_path).is_dir():
+            raise SelectionError(
+                f"--include-path {include_path}: no such folder; pass the folder that holds the task YAMLs."
+            )
+        local = TaskManager(include_path=str(include_path), include_defaults=False)
+        if set(tasks) <= set(local.all_subtasks):
+            return local
+    manager = TaskManager(include_path=str(include_path) if include_path is not None else None)
+    known = set(manager.all_tasks)
+    where = (
+        f"lm-eval's built-in tasks or those under {include_path}"
+        if include_path
+        else "lm-eval's built-in tasks"
+    )
+    for task in tasks:
+        if task not in known and not Path(task).is_file():
+            close = difflib.get_close_matches(task, known, n=3)
+            hint = f" (close names: {', '.join(close)})" if close else ""
+            raise SelectionError(
+                f"task {task!r} is none of {where}{hint}; fix the name in --tasks, or pass the folder of its "
+                f"task YAML with --include-path DIR."
+            )
+    return manager
+
+
+@contextlib.contextmanager
+def _random_state_kept() -> Iterator[None]:
+    """Restore Python's, NumPy's and torch's random generator states (torch's CUDA one of the current device,
+    when CUDA is in use) on leaving."""
+    import numpy
+    import torch
+
+    python_state, numpy_state = random.getstate(), numpy.random.get_state()
+    devices = [torch.cuda.current_device()] if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            numpy.random.set_state(numpy_state)
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    tasks: Sequence[str],
+    include_path: str | Path | None = None,
+    *,
+    device: str | None = None,
+    dtype: str = "float32",
+    batch_size: int | str = 1,
+) -> list[Path]:
+    """Evaluate every epoch model of `run_dir` (`epoch_models`) with `evaluate_epoch`, in this one process.
+
+    Returns:
+        The result files RUN_DIR/epochs/epoch-K/lm_eval.json, in epoch order.
+    """
+    files = []
+    for _, directory in epoch_models(run_dir):
+        output = directory.parent / "lm_eval.json"
+        evaluate_epoch(
+            directory,
+            tasks,
+            output,
+            include_path=include_path,
+            device=device,
+            dtype=dtype,
+            batch_size=batch_size,
+        )
+        files.append(output)
+    return files
 
 
 def format_table(selection: Selection) -> str:
@@ -397,6 +530,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--tasks", help="lm-eval tasks for --run, comma-separated")
     parser.add_argument("--include-path", metavar="DIR", help="folder of extra lm-eval task YAMLs (--run)")
+    parser.add_argument(
+        "--device", help='where lm-eval runs the models (--run; default "cuda" if any, else "cpu")'
+    )
+    parser.add_argument(
+        "--dtype", default="float32", help="dtype lm-eval evaluates in (--run; default float32)"
+    )
+    parser.add_argument("--batch-size", default="1", help='lm-eval batch size, a number or "auto" (--run)')
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = parser.parse_args(argv)
     if bool(args.run) == bool(args.files) or bool(args.run) != bool(args.tasks):
@@ -404,9 +544,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         files = args.files
         if args.run:
-            files = evaluate_run(args.run, [t for t in args.tasks.split(",") if t], args.include_path)
+            tasks = [task for task in args.tasks.split(",") if task]
+            files = evaluate_run(
+                args.run,
+                tasks,
+                args.include_path,
+                device=args.device,
+                dtype=args.dtype,
+                batch_size=args.batch_size,
+            )
         selection = select_epoch(load_scores(files, args.groups), source=str(files[0]))
-    except SelectionError as error:
+    except (SelectionError, ImportError) as error:
         parser.error(str(error))
     print(json.dumps(selection.to_dict(), indent=2) if args.json else format_table(selection))
     return 0

@@ -51,9 +51,12 @@ def torchrun_command(script: str, nproc: int, args: list[str]) -> list[str]:
     return [*TORCHRUN, "--standalone", "--nproc_per_node", str(nproc), str(REPO / "launch" / script), *args]
 
 
-def run_command(command: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run `command` from the repository root, one thread per process; fail with its output."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def run_command(
+    command: list[str], timeout: float = 300, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """Run `command` from the repository root, one thread per process, with `env` added to the environment;
+    fail with its output."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
     if result.returncode != 0:
         raise AssertionError(
@@ -62,8 +65,10 @@ def run_command(command: list[str], timeout: float = 300) -> subprocess.Complete
     return result
 
 
-def run_launch(script: str, nproc: int, args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
-    return run_command(torchrun_command(script, nproc, args), timeout)
+def run_launch(
+    script: str, nproc: int, args: list[str], timeout: float = 300, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    return run_command(torchrun_command(script, nproc, args), timeout, env)
 
 
 def metrics(run_dir: Path) -> list[dict]:

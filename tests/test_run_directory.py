@@ -227,3 +227,28 @@ def test_a_checkpoint_whose_vocabulary_differs_from_the_tokenizer_is_named(works
     assert str(small) in output and "tokenizer.model" in output
     assert "Tokenized" not in output
     shutil.rmtree(small)
+
+
+def test_a_run_that_dies_in_its_epoch_export_resumes_before_that_step_and_redoes_it(tmp_path):
+    """The epoch-end step's checkpoint is written only after its validation and epoch export: a run that
+    fails in the export leaves no checkpoint of that step, and its resume redoes the step, validates and
+    exports."""
+    run_dir = tmp_path / "run"
+    data = small_sft_data(tmp_path / "data.jsonl", records=24)
+    args = debug_overrides(run_dir, data, tmp_path / "cache", steps=0)
+    args += ["--train.epochs", "2", "--data.validation_fraction", "0.25", "--train.micro_batch", "2"]
+    args += ["--train.export_every_epoch", "true", "--train.checkpoint_every", "0"]
+    run_dir.mkdir()
+    (run_dir / "epochs").write_text("a file where the epoch exports go: the first export fails\n")
+    failed = subprocess.run(
+        torchrun_command("sft.py", 1, args), capture_output=True, text=True, timeout=300, cwd=REPO
+    )
+    assert failed.returncode != 0
+    assert not list((run_dir / "checkpoints").glob("step-*"))  # epoch 1's step was not checkpointed
+    assert [r["step"] for r in metrics(run_dir)] == [1, 1]  # its step and validation were logged
+
+    (run_dir / "epochs").unlink()
+    run_launch("sft.py", 1, args)
+    records = metrics(run_dir)
+    assert [(r["step"], "val_loss" in r) for r in records] == [(1, False), (1, True), (2, False), (2, True)]
+    assert all((run_dir / "epochs" / f"epoch-{k}" / "hf" / "config.json").is_file() for k in (1, 2))

@@ -24,6 +24,7 @@ from hermes.model.lora import adapter_disabled
 from hermes.parallel.build import build_model
 from hermes.parallel.export import export_adapter, export_epoch, export_fp8
 from hermes.train import build
+from hermes.train.epoch_evaluation import EpochEvaluation
 from hermes.train.losses import dpo_loss, segment_sums
 from hermes.train.neftune import neftune
 from hermes.train.trainer import Trainer
@@ -122,6 +123,7 @@ def main(argv: list[str] | None = None) -> DPOConfig:
             "DPO trains a LoRA adapter (the reference is the model with it off): set lora.rank > 0"
         )
     env = build.environment(config)
+    epoch_evaluation = EpochEvaluation(config, env.device)  # train.epoch_tasks, checked now
     dataset = build.preference_dataset(config, env)
     loader = build.loader(config, env, dataset, group_size=2)
     validation = build.preference_validation_dataset(config, env)
@@ -140,7 +142,7 @@ def main(argv: list[str] | None = None) -> DPOConfig:
         if validation_loader is not None and trainer.validation_due:
             trainer.validate(validation_loader, validation_sums, per=pairs)
         if trainer.epoch_ended:
-            export_epoch(config, env.chat, model, trainer.epoch)
+            epoch_evaluation.after_export(export_epoch(config, env.chat, model, trainer.epoch))
     if trainer.finish():
         export_adapter(config, env.chat, model)
         export_fp8(config, env.chat, model)

@@ -25,6 +25,7 @@ from hermes.data.packing import PackedBatch
 from hermes.parallel.build import build_model
 from hermes.parallel.export import export_adapter, export_epoch, export_fp8, export_model
 from hermes.train import build
+from hermes.train.epoch_evaluation import EpochEvaluation
 from hermes.train.losses import sft_loss
 from hermes.train.trainer import Trainer
 
@@ -58,6 +59,7 @@ def main(argv: list[str] | None = None) -> Config:
     """Run SFT as configured by `argv` (`[--config FILE] [--section.key value ...]`)."""
     config = parse_args(sys.argv[1:] if argv is None else argv)
     env = build.environment(config)
+    epoch_evaluation = EpochEvaluation(config, env.device)  # train.epoch_tasks, checked now
     dataset = build.sft_dataset(config, env)
     loader = build.loader(config, env, dataset)
     validation = build.sft_validation_dataset(config, env)
@@ -70,7 +72,7 @@ def main(argv: list[str] | None = None) -> Config:
         if validation_loader is not None and trainer.validation_due:
             trainer.validate(validation_loader, sft_nll)
         if trainer.epoch_ended:
-            export_epoch(config, env.chat, model, trainer.epoch)
+            epoch_evaluation.after_export(export_epoch(config, env.chat, model, trainer.epoch))
     if trainer.finish():
         if lora is not None:
             export_adapter(config, env.chat, model)

@@ -5,11 +5,12 @@ A recipe reads, in order (hermes/train/sft.py):
     trainer = Trainer(config, env, model, loader)       # optimizer, schedule, checkpointer; resumes
     for batch in trainer.batches():                      # until max_steps, the epochs' end or SIGTERM
         sums = step(model, batch, trainer.micro_batches(batch))   # forward, loss, backward
-        trainer.step(batch, sums)                        # reduce, guard, clip, update, log, checkpoint
+        trainer.step(batch, sums)                        # reduce, guard, clip, update, log
         if trainer.validation_due:                       # train.eval_every steps and every epoch end
             trainer.validate(validation_loader, sums)    # val_loss, logged as its own record
         if trainer.epoch_ended:
             export_epoch(...)                            # epochs/epoch-K (train.export_every_epoch)
+        # back in trainer.batches(): the step's checkpoint, when one is due
     if trainer.finish():                                 # False when preempted: no final export
         export(...)
 
@@ -164,6 +165,7 @@ class Trainer:
         )
         self._preemption = _Preemption()
         self._preempted = False
+        self._checkpoint_due: tuple[int, bool] | None = None
         self._started = 0.0
         self._mfu = device_type_is_cuda()
         self._flops_scale = 4 / 3 if reference_forward else 1.0
@@ -173,12 +175,15 @@ class Trainer:
         """Whether the last step finished its epoch."""
 
     def batches(self) -> Iterator[StepBatch]:
-        """The global batch of each remaining step, in training mode."""
+        """The global batch of each remaining step, in training mode. A step's checkpoint is written when
+        the recipe asks for the next batch, after its validation and epoch export: a run killed before
+        they finish resumes from the previous checkpoint and does them again."""
         while self.completed_steps < self.total_steps and not self._preempted:
             self._profiler.begin(self.completed_steps + 1)
             self._started = time.perf_counter()
             self.model.train()
             yield self.loader.next_batch()
+            self._save_due_checkpoint()
 
     def micro_batches(self, batch: StepBatch) -> Iterator[PackedBatch]:
         """This rank's micro-batches of `batch` (see `micro_batches`)."""
@@ -186,7 +191,8 @@ class Trainer:
 
     def step(self, batch: StepBatch, sums: dict[str, torch.Tensor]) -> dict[str, float]:
         """Finish the step whose backward passes have run: reduce `sums` over the loss mesh, stop on a
-        non-finite loss, clip, update, log, and checkpoint when due. Returns the logged record.
+        non-finite loss, clip, update, log, and mark a checkpoint due (see `batches`). Returns the logged
+        record.
 
         Raises:
             NonFiniteLossError: the step's loss is NaN or infinite (before the update).
@@ -227,14 +233,22 @@ class Trainer:
         epoch_end = self.epoch_ended = self.loader.epoch_finished
         every = self.config.train.checkpoint_every
         if (every and step % every == 0) or epoch_end or self._preempted or step == self.total_steps:
-            self.checkpointer.save(step, epoch_end=epoch_end)
+            self._checkpoint_due = (step, epoch_end)  # written by `batches` or `finish`
+        return record
+
+    def _save_due_checkpoint(self) -> None:
+        """Write the checkpoint the last step asked for, if any (collective)."""
+        if self._checkpoint_due is None:
+            return
+        step, epoch_end = self._checkpoint_due
+        self._checkpoint_due = None
+        self.checkpointer.save(step, epoch_end=epoch_end)
         if self._preempted and self.env.rank == 0:
             print(
                 f"SIGTERM received: checkpoint saved at step {step} of {self.total_steps}; run the same command "
                 "again to resume from it",
                 flush=True,
             )
-        return record
 
     @property
     def validation_due(self) -> bool:
@@ -295,6 +309,7 @@ class Trainer:
     def finish(self) -> bool:
         """Wait for a background checkpoint, close the log, draw the plots of a completed run. Returns
         whether the run completed (False after a preemption: there is nothing to export yet)."""
+        self._save_due_checkpoint()
         self.checkpointer.wait()
         self._preemption.restore()
         if self._log is not None:
@@ -355,6 +370,8 @@ TRANSIENT_KEYS = {
         "export_fp8",
         "eval_every",
         "export_every_epoch",
+        "epoch_tasks",
+        "epoch_tasks_include",
     },
     "parallel": "all",
     "logging": "all",
