@@ -116,7 +116,7 @@ class DataConfig:
 @dataclass
 class OptimConfig:
     name: str = _opt("adamw", "Optimizer.", ("adamw", "rmsprop"))
-    lr: float = _opt(2e-3, "Peak learning rate.", at_least=0.0)
+    lr: float = _opt(5e-3, "Peak learning rate.", at_least=0.0)
     weight_decay: float = _opt(
         0.01, "Decoupled weight decay (AdamW), on matrices only (not norms).", at_least=0.0
     )
@@ -210,6 +210,12 @@ class LoggingConfig:
         0,
         "On CUDA, record the allocator's history from the first step and dump it after this step to "
         "RUN_DIR/profile/memory-step-N-rank-R.pickle (pytorch.org/memory_viz); 0 = off.",
+        at_least=0,
+    )
+    showcase_prompts: int = _opt(
+        0,
+        "SFT: answer this many held-out prompts of the validation split greedily at step 0 and after "
+        "training, score and print them with the validation loss (RUN_DIR/showcase.json); 0 = off.",
         at_least=0,
     )
 

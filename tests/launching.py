@@ -28,13 +28,16 @@ def small_sft_data(path: Path, records: int = 80) -> Path:
 
 
 def debug_overrides(run_dir: Path, data: Path, cache: Path, steps: int) -> list[str]:
-    """A few fast steps of the debug-size model on `data`."""
+    """A few fast steps of the debug-size model on `data`, all of it trained on (no held-out split, so no
+    validation and no showcase, which tests turn on themselves)."""
     return [
         "--run.dir", str(run_dir),
         "--model.preset", "debug",
         "--data.train", str(data),
         "--data.cache_dir", str(cache),
         "--data.seq_len", "256",
+        "--data.validation_fraction", "0",
+        "--logging.showcase_prompts", "0",
         "--train.global_batch", "4",
         "--train.micro_batch", "1",
         "--train.max_steps", str(steps),

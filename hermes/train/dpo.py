@@ -27,6 +27,7 @@ from hermes.train import build
 from hermes.train.epoch_evaluation import EpochEvaluation
 from hermes.train.losses import dpo_loss, segment_sums
 from hermes.train.neftune import neftune
+from hermes.train.showcase import report_dpo
 from hermes.train.trainer import Trainer
 
 DPO_METRICS = (
@@ -118,6 +119,11 @@ def pairs(batch: StepBatch) -> int:
 def main(argv: list[str] | None = None) -> DPOConfig:
     """Run DPO as configured by `argv` (`[--config FILE] [--section.key value ...]`)."""
     config = parse_args(sys.argv[1:] if argv is None else argv, DPOConfig)
+    if config.logging.showcase_prompts:
+        raise ConfigError(
+            "logging.showcase_prompts answers held-out SFT prompts; a DPO run ends with its reward summary "
+            "instead (RUN_DIR/showcase.json): set --logging.showcase_prompts 0"
+        )
     if not config.lora.rank:
         raise ConfigError(
             "DPO trains a LoRA adapter (the reference is the model with it off): set lora.rank > 0"
@@ -146,5 +152,6 @@ def main(argv: list[str] | None = None) -> DPOConfig:
     if trainer.finish():
         export_adapter(config, env.chat, model)
         export_fp8(config, env.chat, model)
+        report_dpo(config.run_dir)  # rank 0: first vs last steps' accuracies and margins
     build.finish(env)
     return config

@@ -27,6 +27,7 @@ from hermes.parallel.export import export_adapter, export_epoch, export_fp8, exp
 from hermes.train import build
 from hermes.train.epoch_evaluation import EpochEvaluation
 from hermes.train.losses import sft_loss
+from hermes.train.showcase import Showcase
 from hermes.train.trainer import Trainer
 
 
@@ -60,6 +61,7 @@ def main(argv: list[str] | None = None) -> Config:
     config = parse_args(sys.argv[1:] if argv is None else argv)
     env = build.environment(config)
     epoch_evaluation = EpochEvaluation(config, env.device)  # train.epoch_tasks, checked now
+    showcase = Showcase(config, env)  # held-out prompts (logging.showcase_prompts)
     dataset = build.sft_dataset(config, env)
     loader = build.loader(config, env, dataset)
     validation = build.sft_validation_dataset(config, env)
@@ -67,17 +69,20 @@ def main(argv: list[str] | None = None) -> Config:
     lora = config.lora if config.lora.rank else None
     model = build_model(config, env.meshes, env.device, lora=lora)
     trainer = Trainer(config, env, model, loader, trainable_only_checkpoints=lora is not None)
+    showcase.start(model, trainer, validation_loader, sft_nll)  # step 0: validation loss, answers
     for batch in trainer.batches():
         trainer.step(batch, sft_step(model, batch, trainer.micro_batches(batch)))
         if validation_loader is not None and trainer.validation_due:
             trainer.validate(validation_loader, sft_nll)
         if trainer.epoch_ended:
             epoch_evaluation.after_export(export_epoch(config, env.chat, model, trainer.epoch))
+    showcase.end(trainer)  # the last step's validation loss and answers
     if trainer.finish():
         if lora is not None:
             export_adapter(config, env.chat, model)
         else:
             export_model(config, env.chat, model)
         export_fp8(config, env.chat, model)
+    showcase.report()
     build.finish(env)
     return config
