@@ -12,6 +12,9 @@ Part 1, the variants:
 - "transformers eager" / "transformers sdpa": LlamaForCausalLM with each attention implementation;
 - "torchtitan": torchtitan's Llama 3 `Transformer` (torchtitan 0.2.0, the `bench` extra) with its SDPA
   attention, full logits, then `F.cross_entropy` as torchtitan's loss computes it.
+each on two label sets: every next token labelled, and SFT labels: each row a prompt (IGNORE_INDEX) then a
+response, the response holding the fraction of labelled tokens that the bundled SFT data has under the
+default configuration (`bundled_labelled_fraction`).
 Part 2, hermes alone: the same samples as packed rows (`PackedBatch.from_rows`, attention kept inside each
 sample) and padded, one sample per row right-padded to the longest (plain causal attention).
 
@@ -20,19 +23,24 @@ touches every variant alike and none always follows the same one. Each variant r
 fastest wall time and its median process CPU time (both distorted less than the median wall time when
 other work shares the machine), and, for part 1, the FLOPs of one step (torch's FlopCounterMode; it does
 not count the CPU flash-attention kernel behind SDPA, so every SDPA variant's figure leaves attention out,
-while transformers' eager attention products are counted). The ratios of hermes to each peer come last.
+while transformers' eager attention products are counted). The ratios come last.
+
+--changes times hermes' training path alone instead, with each change to the step alone on the formulas it
+replaced (as tests/test_model_numerics.py writes them, patched back in): all previous formulas, each change
+alone on them, all changes (the model as it is), and all changes with fused q/k/v projections.
 
 Shapes (--preset): any hermes preset ("tiny": dim 256, 4 blocks, the 128,256-token vocabulary), or "mid":
 dim 512, 8 blocks, 8 heads / 4 kv heads, FFN 1,536, a 32,768-token vocabulary, where the blocks carry 60%
 of the FLOPs instead of 11%.
 
 Usage: python benchmarks/model_cpu.py [--preset tiny] [--batch 2] [--seq 512] [--runs 5] [--threads N]
-    [--skip-packing]
+    [--skip-packing] [--changes]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.metadata
 import importlib.util
 import math
@@ -41,8 +49,9 @@ import statistics
 import sys
 import time
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
@@ -51,10 +60,17 @@ import transformers
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from hermes.config import Config
 from hermes.data.packing import PackedBatch
+from hermes.data.pipeline import build_sft_samples, bundled_example
 from hermes.data.sample import IGNORE_INDEX, Sample
 from hermes.model import Llama, LlamaConfig, RopeScaling
+from hermes.model import llama as llama_module
+from hermes.model import rope as rope_module
 from hermes.model.hf import hf_state_dict
+from hermes.model.llama import OutputHead, RMSNorm
+from hermes.model.rope import RopeCache
+from hermes.train.build import chat_format
 
 MID = LlamaConfig(
     dim=512, n_layers=8, n_heads=8, n_kv_heads=4, hidden_dim=1536, vocab_size=32768, max_seq_len=8192
@@ -165,16 +181,36 @@ def torchtitan_twin(model: Llama) -> nn.Module:
 # Part 1: one step of each model ---------------------------------------------------------------------------
 
 
-def next_token_labels(tokens: torch.Tensor) -> torch.Tensor:
-    """Targets already shifted (the target of position t is token t + 1), IGNORE_INDEX at each row's end."""
-    return torch.cat([tokens[:, 1:], torch.full_like(tokens[:, :1], IGNORE_INDEX)], dim=1)
+def shifted(targets: torch.Tensor) -> torch.Tensor:
+    """Labels already shifted (the label of position t is target t + 1), IGNORE_INDEX at each row's end."""
+    return torch.cat([targets[:, 1:], torch.full_like(targets[:, :1], IGNORE_INDEX)], dim=1)
+
+
+def bundled_labelled_fraction() -> float:
+    """The fraction of the bundled SFT data's tokens that carry a label, as the default configuration
+    builds its samples (chat format, tool prompt, data.seq_len): the rest are prompt tokens."""
+    config = Config()
+    built = build_sft_samples(
+        [bundled_example("sft.jsonl")], chat_format(config), config.data, config.run.seed
+    )
+    return sum(s.trained_tokens for s in built.samples) / sum(len(s) for s in built.samples)
+
+
+def sft_targets(tokens: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Targets (unshifted, as transformers takes them) of rows that are a prompt then a response: each row's
+    last `fraction` of positions labelled, the prompt before them IGNORE_INDEX."""
+    targets = tokens.clone()
+    targets[:, : tokens.shape[1] - round(fraction * tokens.shape[1])] = IGNORE_INDEX
+    return targets
 
 
 def model_steps(
-    model: Llama, twins: dict[str, nn.Module], tokens: torch.Tensor
+    model: Llama, twins: dict[str, nn.Module], tokens: torch.Tensor, targets: torch.Tensor
 ) -> dict[str, Callable[[], float]]:
-    """One forward + backward of the mean token cross-entropy per variant; each returns the loss."""
-    labels = next_token_labels(tokens)
+    """One forward + backward of the mean cross-entropy of the labelled tokens per variant; each returns the
+    loss. `targets` [batch, seq] are the unshifted labels (the tokens themselves, IGNORE_INDEX where
+    untrained)."""
+    labels = shifted(targets)
     labelled = int((labels != IGNORE_INDEX).sum())
 
     def hermes_labels() -> float:
@@ -193,7 +229,7 @@ def model_steps(
 
     def transformers_step(twin: nn.Module) -> Callable[[], float]:
         def step() -> float:
-            loss = twin(input_ids=tokens, labels=tokens).loss  # transformers shifts the labels itself
+            loss = twin(input_ids=tokens, labels=targets).loss  # transformers shifts the labels itself
             loss.backward()
             return loss.item()
 
@@ -204,6 +240,98 @@ def model_steps(
         is_transformers = isinstance(twin, transformers.PreTrainedModel)
         variants[name] = transformers_step(twin) if is_transformers else logits_step(twin)
     return variants
+
+
+# Changes to the step, each alone ---------------------------------------------------------------------------
+
+CHANGES = ("RoPE table", "roll rotation", "one-op norm", "in-place log-softmax")
+"""hermes' changes to the step, each with its previous formula in tests/test_model_numerics.py: RoPE tables
+built once (per-forward rebuild), the rolled rotation with the signed sin (slice and concatenate), RMSNorm
+as one op (three), the label log-softmax in the logits' buffer (`F.cross_entropy`)."""
+
+FUSED_QKV = "fused qkv"
+
+
+class FusedQKV:
+    """One block's q, k and v projections as one matmul, as a fused wqkv weight would compute them, the
+    three parameters kept as they are (so concatenated at every forward). Patched in as the forward of wq,
+    which computes all three, and of wk and wv, which hand out theirs."""
+
+    def __init__(self, attention: nn.Module) -> None:
+        self.linears = (attention.wq, attention.wk, attention.wv)
+        self.pending: list[torch.Tensor] = []
+
+    def q(self, x: torch.Tensor) -> torch.Tensor:
+        weight = torch.cat([linear.weight for linear in self.linears])
+        q, *self.pending = F.linear(x, weight).split([linear.out_features for linear in self.linears], -1)
+        return q
+
+    def k_or_v(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pending.pop(0)
+
+
+def _previous_formulas() -> types.ModuleType:
+    """tests/test_model_numerics.py, where the previous formulas are written (and tested against the model's)."""
+    sys.path.append(str(Path(__file__).resolve().parents[1]))
+    return importlib.import_module("tests.test_model_numerics")
+
+
+def with_changes(
+    model: Llama, changes: frozenset[str], previous: types.ModuleType
+) -> Callable[[], contextlib.AbstractContextManager]:
+    """A context in which `model` computes with `changes` (of CHANGES and FUSED_QKV) and the `previous`
+    formulas (`_previous_formulas`) of the other CHANGES. Each context keeps its own RoPE tables."""
+    c = model.config
+    roll = "roll rotation" in changes
+    if "RoPE table" in changes:
+        rope = RopeCache(c.attention_head_dim, c.rope_theta, c.rope_scaling)  # its table: rope_cos_sin's
+    else:
+        rope = previous.PerForwardRope(c, rope_module.rope_cos_sin if roll else previous.plain_cos_sin)
+
+    @contextlib.contextmanager
+    def context() -> Iterator[None]:
+        with contextlib.ExitStack() as stack:
+
+            def patch(target: object, name: str, value: object) -> None:
+                stack.enter_context(mock.patch.object(target, name, value))
+
+            patch(model, "rope", rope)
+            if not roll:
+                patch(llama_module, "apply_rope", previous.rotate_halves)
+                patch(rope_module, "rope_cos_sin", previous.plain_cos_sin)  # the table RopeCache builds
+            if "one-op norm" not in changes:
+                patch(RMSNorm, "forward", lambda norm, x: previous.recipe_rmsnorm(x, norm.weight, norm.eps))
+            if "in-place log-softmax" not in changes:
+                patch(OutputHead, "chunk_logprobs", previous.cross_entropy_logprobs)
+            if FUSED_QKV in changes:
+                for layer in model.layers:
+                    fused = FusedQKV(layer.attention)
+                    patch(layer.attention.wq, "forward", fused.q)
+                    patch(layer.attention.wk, "forward", fused.k_or_v)
+                    patch(layer.attention.wv, "forward", fused.k_or_v)
+            yield
+
+    return context
+
+
+def change_steps(model: Llama, tokens: torch.Tensor) -> dict[str, Callable[[], float]]:
+    """hermes' training step on every next token: with the previous formulas, each change alone on them, all
+    changes, and all with fused q/k/v projections; each returns the loss."""
+    new = frozenset(CHANGES)
+    sets = {"previous": frozenset()}
+    sets |= {f"+ {change}": frozenset({change}) for change in CHANGES}
+    sets |= {"all (new)": new, f"new + {FUSED_QKV}": new | {FUSED_QKV}}
+    step = model_steps(model, {}, tokens, tokens)["hermes (labels)"]
+    previous = _previous_formulas()
+
+    def within(context: Callable[[], contextlib.AbstractContextManager]) -> Callable[[], float]:
+        def run() -> float:
+            with context():
+                return step()
+
+        return run
+
+    return {name: within(with_changes(model, changes, previous)) for name, changes in sets.items()}
 
 
 # Part 2: packed rows against the same samples padded -----------------------------------------------------
@@ -304,15 +432,26 @@ def ratios(ours: Figures, theirs: Figures) -> str:
 
 
 def print_figures(figures: dict[str, Figures], extra: dict[str, str], extra_header: str) -> None:
-    print(f"{'variant':<20}{extra_header}{'wall median s':>14}{'wall min s':>11}{'CPU median s':>13}")
+    print(f"{'variant':<24}{extra_header}{'wall median s':>14}{'wall min s':>11}{'CPU median s':>13}")
     for name, (median, fastest, cpu_median) in figures.items():
-        print(f"{name:<20}{extra[name]}{median:>14.3f}{fastest:>11.3f}{cpu_median:>13.3f}")
+        print(f"{name:<24}{extra[name]}{median:>14.3f}{fastest:>11.3f}{cpu_median:>13.3f}")
 
 
 # Main ----------------------------------------------------------------------------------------------------
 
+RATIO_HEADER = f"{'wall median':>11}{'wall min':>11}{'CPU median':>11}"
 
-def run_models(config: LlamaConfig, args: argparse.Namespace) -> None:
+
+def ratio_lines(title: str, figures: dict[str, Figures], pairs: list[tuple[str, str]]) -> list[str]:
+    """A table of figures[a] / figures[b] for each pair (a, b), headed by `title`."""
+    names = [f"{a} / {b}" for a, b in pairs]
+    width = max(len(name) for name in [title, *names]) + 2
+    lines = [f"{title:<{width}}{RATIO_HEADER}"]
+    return lines + [f"{name:<{width}}{ratios(figures[a], figures[b])}" for name, (a, b) in zip(names, pairs)]
+
+
+def run_models(config: LlamaConfig, args: argparse.Namespace) -> list[str]:
+    """Part 1 on both label sets; returns the lines of its ratio tables."""
     torch.manual_seed(0)
     model = Llama(config).train()
     twins: dict[str, nn.Module] = {
@@ -321,27 +460,39 @@ def run_models(config: LlamaConfig, args: argparse.Namespace) -> None:
         "torchtitan": torchtitan_twin(model),
     }
     tokens = torch.randint(0, config.vocab_size, (args.batch, args.seq))
-    variants = model_steps(model, twins, tokens)
+    fraction = bundled_labelled_fraction()
+    label_sets = {
+        "all labelled": (tokens, "every next token"),
+        "SFT labels": (
+            sft_targets(tokens, fraction),
+            f"each row's last {fraction:.1%}, the bundled data's share",
+        ),
+    }
 
     def reset() -> None:
         for net in (model, *twins.values()):
             net.zero_grad(set_to_none=True)
 
-    warm = warm_up(variants, reset)
-    figures = rotated_runs(variants, args.runs, reset)
     params = sum(p.numel() for p in model.parameters())
     print(
         f"Part 1: {args.preset} ({params / 1e6:.1f}M parameters), batch {args.batch} x {args.seq} tokens, "
-        f"float32, {torch.get_num_threads()} threads, {args.runs} rotated runs, loss {warm['torchtitan'][0]:.4f}"
+        f"float32, {torch.get_num_threads()} threads, {args.runs} rotated runs"
     )
-    print_figures(figures, {name: f"{gflop:>6.0f}" for name, (_, gflop) in warm.items()}, f"{'GFLOP':>6}")
-    print(f"\n{'hermes / peer':<38}{'wall median':>11}{'wall min':>11}{'CPU median':>11}")
-    for ours in ("hermes (labels)", "hermes (logits)"):
-        for peer in twins:
-            print(f"{ours + ' / ' + peer:<38}{ratios(figures[ours], figures[peer])}")
+    pairs = [(ours, peer) for ours in ("hermes (labels)", "hermes (logits)") for peer in twins]
+    lines: list[str] = []
+    for title, (targets, which) in label_sets.items():
+        variants = model_steps(model, twins, tokens, targets)
+        warm = warm_up(variants, reset)
+        figures = rotated_runs(variants, args.runs, reset)
+        labelled = int((shifted(targets) != IGNORE_INDEX).sum())
+        print(f"\n{title} ({which}): {labelled} labelled tokens, loss {warm['torchtitan'][0]:.4f}")
+        print_figures(figures, {name: f"{gflop:>6.0f}" for name, (_, gflop) in warm.items()}, f"{'GFLOP':>6}")
+        lines += ["", *ratio_lines(f"hermes / peer, {title}", figures, pairs)]
+    return lines
 
 
-def run_packing(config: LlamaConfig, args: argparse.Namespace) -> None:
+def run_packing(config: LlamaConfig, args: argparse.Namespace) -> list[str]:
+    """Part 2; returns the line of its ratio."""
     torch.manual_seed(0)
     model = Llama(config).train()
     packed, tokens, labels = packed_and_padded(config.vocab_size, args.batch, args.seq)
@@ -362,7 +513,29 @@ def run_packing(config: LlamaConfig, args: argparse.Namespace) -> None:
         "padded": f"{f'{tokens.shape[0]} x {tokens.shape[1]}':>12}{tokens.numel():>7}",
     }
     print_figures(figures, shapes, f"{'rows x width':>12}{'slots':>7}")
-    print(f"\n{'packed / padded':<38}{ratios(figures['packed'], figures['padded'])}")
+    return ["", *ratio_lines("packed / padded", figures, [("packed", "padded")])]
+
+
+def run_changes(config: LlamaConfig, args: argparse.Namespace) -> list[str]:
+    """hermes' training step with each change alone; returns the lines of its ratio table."""
+    torch.manual_seed(0)
+    model = Llama(config).train()
+    tokens = torch.randint(0, config.vocab_size, (args.batch, args.seq))
+    variants = change_steps(model, tokens)
+
+    def reset() -> None:
+        model.zero_grad(set_to_none=True)
+
+    warm = warm_up(variants, reset)
+    figures = rotated_runs(variants, args.runs, reset)
+    print(
+        f"Changes: hermes (labels), {args.preset}, batch {args.batch} x {args.seq} tokens, every next token "
+        f"labelled, float32, {torch.get_num_threads()} threads, {args.runs} rotated runs, "
+        f"loss {warm['previous'][0]:.4f}"
+    )
+    print_figures(figures, {name: "" for name in figures}, "")
+    pairs = [(name, "previous") for name in list(figures)[1:-1]] + [(f"new + {FUSED_QKV}", "all (new)")]
+    return ["", *ratio_lines("variant / baseline", figures, pairs)]
 
 
 def main() -> None:
@@ -375,6 +548,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5, help="timed runs per variant, after one warm-up")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
     parser.add_argument("--skip-packing", action="store_true", help="part 1 only")
+    parser.add_argument("--changes", action="store_true", help="each change to hermes' step alone, only")
     args = parser.parse_args()
     transformers.logging.set_verbosity_error()
     if args.threads:
@@ -382,9 +556,13 @@ def main() -> None:
     config = model_config(args.preset)
     versions = f"torch {torch.__version__}, transformers {transformers.__version__}"
     print(f"{versions}, torchtitan {importlib.metadata.version('torchtitan')}, load average {_load()}")
-    run_models(config, args)
-    if not args.skip_packing:
-        run_packing(config, args)
+    if args.changes:
+        lines = run_changes(config, args)
+    else:
+        lines = run_models(config, args)
+        if not args.skip_packing:
+            lines += run_packing(config, args)
+    print("\n".join(lines))
     print(f"load average at the end {_load()}")
 
 

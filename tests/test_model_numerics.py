@@ -1,15 +1,20 @@
-"""The model's RoPE and RMSNorm against the formulas they replaced, written out here: cos/sin rebuilt from
-the position ids on every forward and halves rotated by slicing and concatenating; RMSNorm as float32
-normalisation, cast back, times the weight."""
+"""The model's RoPE, RMSNorm and label log-probabilities against the formulas they replaced, written out
+here (benchmarks/model_cpu.py --changes patches them back in to time each change alone): cos/sin rebuilt
+from the position ids on every forward and halves rotated by slicing and concatenating; RMSNorm as float32
+normalisation, cast back, times the weight; log p(label) as the negated `F.cross_entropy` of the logits."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 from hermes.model import Llama, LlamaConfig, RopeScaling
 from hermes.model import llama as llama_module
-from hermes.model.llama import RMSNorm
+from hermes.model.inputs import IGNORE_INDEX
+from hermes.model.llama import OutputHead, RMSNorm
 from hermes.model.rope import RopeCache, apply_rope, rope_frequencies
 
 SCALED = LlamaConfig(
@@ -23,12 +28,18 @@ SCALED = LlamaConfig(
 )
 
 
-def rebuilt_cos_sin(position_ids: torch.Tensor, config: LlamaConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """The previous per-forward tables: angles position * f, halves repeated, plain cos and sin."""
-    freqs = rope_frequencies(config.attention_head_dim, config.rope_theta, config.rope_scaling)
+def plain_cos_sin(position_ids: torch.Tensor, freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The previous tables: angles position * f, halves repeated, plain cos and sin (the form
+    `rotate_halves` takes)."""
     angles = position_ids.float()[..., None] * freqs
     angles = torch.cat((angles, angles), dim=-1)
     return angles.cos(), angles.sin()
+
+
+def rebuilt_cos_sin(position_ids: torch.Tensor, config: LlamaConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The previous per-forward tables of `config`'s frequencies."""
+    freqs = rope_frequencies(config.attention_head_dim, config.rope_theta, config.rope_scaling)
+    return plain_cos_sin(position_ids, freqs)
 
 
 def rotate_halves(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -84,16 +95,24 @@ def test_rolled_rotation_equals_the_sliced_one_forward_and_backward(dtype):
     torch.testing.assert_close(got_grad.float(), want_grad.float(), atol=1e-5, rtol=1e-5)
 
 
-class _PerForwardRope:
-    """The previous RoPE of `Llama.hidden_states`: tables rebuilt from the position ids on every call."""
+CosSin = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
-    def __init__(self, config: LlamaConfig) -> None:
+
+class PerForwardRope:
+    """The previous RoPE of `Llama.hidden_states` (a stand-in for `Llama.rope`): frequencies and tables
+    rebuilt from the position ids on every call, by `cos_sin` (position ids, frequencies -> tables): the
+    previous plain tables, or `rope_cos_sin`'s signed ones for the rolled rotation."""
+
+    def __init__(self, config: LlamaConfig, cos_sin: CosSin = plain_cos_sin) -> None:
         self.config = config
+        self.tables = cos_sin
 
     def cos_sin(
         self, position_ids: torch.Tensor, bound: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return rebuilt_cos_sin(position_ids, self.config)
+        c = self.config
+        freqs = rope_frequencies(c.attention_head_dim, c.rope_theta, c.rope_scaling, position_ids.device)
+        return self.tables(position_ids, freqs)
 
 
 def test_model_with_the_cached_table_gives_the_logits_and_gradients_of_the_per_forward_rebuild(monkeypatch):
@@ -112,7 +131,7 @@ def test_model_with_the_cached_table_gives_the_logits_and_gradients_of_the_per_f
         return logits.detach(), {name: p.grad for name, p in model.named_parameters()}
 
     got, got_grads = logits_and_grads()
-    monkeypatch.setattr(model, "rope", _PerForwardRope(SCALED))
+    monkeypatch.setattr(model, "rope", PerForwardRope(SCALED))
     monkeypatch.setattr(llama_module, "apply_rope", rotate_halves)
     want, want_grads = logits_and_grads()
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
@@ -147,3 +166,50 @@ def test_rmsnorm_equals_the_recipe_forward_and_backward(dtype):
         torch.testing.assert_close(
             g.float(), w.float(), atol=1e-5 if dtype == torch.float32 else 2e-2, rtol=1e-3
         )
+
+
+def cross_entropy_logprobs(head: OutputHead, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The previous `OutputHead.chunk_logprobs`: the negated token cross-entropy of the float32 logits."""
+    logits = head(hidden).float()
+    return -F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="none")
+
+
+@pytest.mark.parametrize("keep_logits_bytes", [0, 2**30], ids=["recompute", "keep"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_label_logprobs_in_place_equal_the_cross_entropy_forward_and_backward(
+    monkeypatch, keep_logits_bytes, dtype
+):
+    monkeypatch.setattr(llama_module, "KEEP_LOGITS_BYTES", keep_logits_bytes)
+    torch.manual_seed(0)
+    model = Llama(SCALED).to(dtype)
+    tokens = torch.randint(0, SCALED.vocab_size, (2, 40))
+    labels = torch.randint(0, SCALED.vocab_size, (2, 40))
+    labels[:, :9] = IGNORE_INDEX
+    weights = torch.rand(2, 40)  # a loss that weighs each token's log-probability differently
+
+    def logprobs_and_grads() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        logprobs = llama_module.label_logprobs(model.hidden_states(tokens), model.output, labels, 16)
+        (logprobs * weights).sum().backward()
+        return logprobs.detach(), {name: p.grad for name, p in model.named_parameters()}
+
+    got, got_grads = logprobs_and_grads()
+    monkeypatch.setattr(OutputHead, "chunk_logprobs", cross_entropy_logprobs)
+    want, want_grads = logprobs_and_grads()
+    assert got.dtype == torch.float32
+    # The same float32 log-softmax; its gradient differs by a rounding at most (exp in another kernel).
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    for name, grad in got_grads.items():
+        tolerance = {"atol": 1e-6, "rtol": 1e-5} if dtype == torch.float32 else {}
+        torch.testing.assert_close(grad, want_grads[name], **tolerance, msg=name)
+
+
+def test_label_logprobs_refuse_a_second_backward_through_the_same_graph():
+    """Backward turns the kept log-softmax into the logits' gradient in place; a retained graph cannot run
+    it again, and says so rather than giving a wrong gradient."""
+    model = Llama(SCALED)
+    tokens = torch.randint(0, SCALED.vocab_size, (1, 12))
+    loss = model(tokens, labels=tokens).sum()
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from hermes.model.attention import KVCache, attention, masked_attention
@@ -152,14 +153,46 @@ class TransformerBlock(nn.Module):
         self.feed_forward.init_weights(out_std)
 
 
+class _LabelLogSoftmax(torch.autograd.Function):
+    """log_softmax(logits)[i, labels[i]] of float32 logits [tokens, vocab] that nothing else uses, computed
+    in their own buffer: the log-softmax is written over the logits and kept for backward, where it becomes
+    the logits' gradient in place, g * (onehot(label) - softmax). `F.cross_entropy` computes the same
+    through four buffers of that size (the log-softmax, nll's zero-filled gradient, the log-softmax
+    gradient, besides the logits); with a large vocabulary each is a pass over memory, and on CPU a fresh
+    one of that size is first paged in, zeroed by the kernel.
+
+    The buffer is returned as the first output (an input modified in place must be), for no use: its
+    gradient is not taken. A second backward through the same graph fails on the saved log-softmax, which
+    the first one overwrote.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # In place: torch's log-softmax kernels (CPU and CUDA) reduce a row, then write each value from itself.
+        logprobs = torch.log_softmax(logits, dim=-1, out=logits)
+        ctx.mark_dirty(logits)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(logprobs, labels)
+        return logprobs, logprobs.gather(1, labels[:, None]).squeeze(1)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, _: None, grad: torch.Tensor | None) -> tuple[torch.Tensor | None, None]:
+        if grad is None:
+            return None, None
+        logprobs, labels = ctx.saved_tensors
+        grad_logits = logprobs.exp_().mul_(-grad[:, None])
+        return grad_logits.scatter_add_(1, labels[:, None], grad[:, None]), None
+
+
 class OutputHead(nn.Linear):
     """The output projection, dim -> vocab. `chunk_logprobs` gives log p(label) for a chunk of
     tokens; a parallel plan may swap in a subclass that computes it on a vocabulary-sharded weight."""
 
     def chunk_logprobs(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """hidden [tokens, dim], labels [tokens] -> float32 log-probabilities [tokens]."""
-        logits = self(hidden).float()
-        return -F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="none")
+        """hidden [tokens, dim], labels [tokens] (token ids, none IGNORE_INDEX) -> float32
+        log-probabilities [tokens]."""
+        return _LabelLogSoftmax.apply(self(hidden).float(), labels)[1]
 
 
 class Llama(nn.Module):
