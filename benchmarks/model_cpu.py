@@ -19,7 +19,9 @@ Part 2, hermes alone: the same samples as packed rows (`PackedBatch.from_rows`, 
 sample) and padded, one sample per row right-padded to the longest (plain causal attention).
 
 The runs are rotated: repetition r starts with the r-th variant, so a load change on this shared machine
-touches every variant alike and none always follows the same one. Each variant reports its median and
+touches every variant alike. Each timed run comes right after an untimed run of the same variant, as a
+training step follows the previous step: in a plain rotation every variant would always follow the same
+other one and start on the allocator and cache state that one left. Each variant reports its median and
 fastest wall time and its median process CPU time (both distorted less than the median wall time when
 other work shares the machine), and, for part 1, the FLOPs of one step (torch's FlopCounterMode; it does
 not count the CPU flash-attention kernel behind SDPA, so every SDPA variant's figure leaves attention out,
@@ -412,13 +414,16 @@ def warm_up(
 def rotated_runs(
     variants: dict[str, Callable[[], float]], runs: int, reset: Callable[[], None]
 ) -> dict[str, Figures]:
-    """`runs` timed runs of every variant, repetition r starting with the r-th variant (mod their count)."""
+    """`runs` timed runs of every variant, repetition r starting with the r-th variant (mod their count),
+    each timed run right after an untimed one of the same variant."""
     names = list(variants)
     wall: dict[str, list[float]] = {name: [] for name in names}
     cpu: dict[str, list[float]] = {name: [] for name in names}
     for r in range(runs):
         shift = r % len(names)
         for name in names[shift:] + names[:shift]:
+            reset()
+            variants[name]()
             reset()
             start, start_cpu = time.perf_counter(), time.process_time()
             variants[name]()
@@ -545,7 +550,12 @@ def main() -> None:
     parser.add_argument("--preset", default="tiny", help='a hermes preset or "mid" (default: tiny)')
     parser.add_argument("--batch", type=int, default=2, help="rows (default: 2)")
     parser.add_argument("--seq", type=int, default=512, help="tokens per row (default: 512)")
-    parser.add_argument("--runs", type=int, default=5, help="timed runs per variant, after one warm-up")
+    parser.add_argument(
+        "--runs",
+        type=int,
+        default=5,
+        help="timed runs per variant (each after an untimed one), after one warm-up",
+    )
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
     parser.add_argument("--skip-packing", action="store_true", help="part 1 only")
     parser.add_argument("--changes", action="store_true", help="each change to hermes' step alone, only")
