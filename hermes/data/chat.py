@@ -77,7 +77,8 @@ from hermes.data.chat_template import DEFAULT_SYSTEM_PROMPT, hermes_chat_templat
 from hermes.data.conversation import ROLES, Conversation, Message, PreferencePair
 from hermes.data.records import parse_messages, parse_tools
 from hermes.data.sample import IGNORE_INDEX, Sample
-from hermes.data.tokenizer import RESERVED_NAME, Tokenizer, read_added_tokens_decoder
+from hermes.data.tokenizer import RESERVED_NAME, Tokenizer
+from hermes.data.tokenizer_json import read_added_tokens_decoder
 from hermes.data.tool_prompt import tool_system_prompt
 
 IM_START = "<|im_start|>"

@@ -25,7 +25,8 @@ from hermes.data.chat_template import DEFAULT_SYSTEM_PROMPT, hermes_template_sys
 from hermes.data.hf_tokenizer import save_tokenizer_json
 from hermes.data.hf_tokenizers_backend import TokenizersTokenizer
 from hermes.data.template_chat import TemplateChatFormat
-from hermes.data.tokenizer import TiktokenTokenizer, Tokenizer, TokenizerFileError, read_json_object
+from hermes.data.tokenizer import TiktokenTokenizer, Tokenizer, TokenizerFileError
+from hermes.data.tokenizer_json import read_json_object
 
 AnyChatFormat = ChatFormat | TemplateChatFormat
 CHAT_TEMPLATE_CHOICES = ("hermes", "checkpoint")

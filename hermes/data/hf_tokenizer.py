@@ -14,14 +14,15 @@ from pathlib import Path
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as HFTokenizer
 
-from hermes.data.tokenizer import TiktokenTokenizer, _byte_level_alphabet
+from hermes.data.tokenizer import TiktokenTokenizer
+from hermes.data.tokenizer_json import byte_level_alphabet
 
 
 @functools.cache
 def _byte_to_char() -> dict[int, str]:
     """str.translate table from a latin-1 character (one byte) to its character in GPT-2's byte-level
-    alphabet: the inverse of `_byte_level_alphabet`."""
-    return {ord(latin): chr(code) for code, latin in _byte_level_alphabet().items() if ord(latin) < 0x100}
+    alphabet: the inverse of `byte_level_alphabet`."""
+    return {ord(latin): chr(code) for code, latin in byte_level_alphabet().items() if ord(latin) < 0x100}
 
 
 def _merges(tokens: list[bytes], ranks: dict[bytes, int]) -> list[tuple[int, int]]:

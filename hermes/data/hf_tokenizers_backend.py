@@ -31,13 +31,8 @@ from typing import Any
 
 from tokenizers import Tokenizer as HFTokenizer
 
-from hermes.data.tokenizer import (
-    AllowedSpecial,
-    Tokenizer,
-    TokenizerFileError,
-    read_added_tokens_decoder,
-    read_json_object,
-)
+from hermes.data.tokenizer import AllowedSpecial, Tokenizer, TokenizerFileError
+from hermes.data.tokenizer_json import read_added_tokens_decoder, read_json_object
 
 BOS_NAMES = ("<s>", "<|begin_of_text|>", "<bos>", "<|startoftext|>")
 """Added-token names taken as BOS when neither tokenizer_config.json nor the post-processor names one."""

@@ -8,7 +8,7 @@ special tokens after the BPE ranks with BOS and EOS first); both run on tiktoken
 are found by position, not by name. A `tokenizer.model` that is a SentencePiece protobuf is served by the
 SentencePiece backend; every other tokenizer.json (GPT-2-style byte-level BPE, SentencePiece-derived BPE or
 Unigram) by the `tokenizers` backend (hermes.data.hf_tokenizers_backend), whose key ids are named by the
-tokenizer_config.json beside it.
+tokenizer_config.json beside it. Hugging Face tokenizer files are parsed in hermes.data.tokenizer_json.
 
 Special-token text (`<|begin_of_text|>` typed by a user) is encoded as plain text unless the caller
 allows it by name; encoding never raises on it.
@@ -21,7 +21,6 @@ import binascii
 import functools
 import importlib.util
 import itertools
-import json
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence, Set
@@ -51,7 +50,7 @@ _NAMED_OFFSETS = {
     9: "<|eot_id|>",
     10: "<|python_tag|>",
 }
-_BOS_OFFSET, _EOS_OFFSET, _PAD_OFFSET = 0, 1, 4
+BOS_OFFSET, EOS_OFFSET, _PAD_OFFSET = 0, 1, 4
 
 RESERVED_NAME = re.compile(r"<\|reserved_special_token_\d+\|>")
 """Names of special ids that carry no meaning yet and may be renamed."""
@@ -63,7 +62,7 @@ _MAX_RUN_CHARS = 25_000
 # The lookbehinds make a match start only where a run starts, which keeps the scan linear.
 _LONG_RUN = re.compile(rf"(?<!\S)\S{{{_MAX_RUN_CHARS + 1},}}|(?<!\s)\s{{{_MAX_RUN_CHARS + 1},}}")
 
-_ACCEPTED = (
+ACCEPTED_FILES = (
     "a tiktoken BPE rank file (tokenizer.model: lines of '<base64 token> <rank>'), a SentencePiece "
     "model (tokenizer.model), a Hugging Face tokenizer.json (BPE or Unigram), or a directory holding one "
     "of them"
@@ -276,13 +275,15 @@ class Tokenizer(ABC):
             if found is None:
                 raise FileNotFoundError(
                     f"no tokenizer in directory {path}: looked for "
-                    f"{', '.join(str(c.relative_to(path)) for c in candidates)}; expected {_ACCEPTED}"
+                    f"{', '.join(str(c.relative_to(path)) for c in candidates)}; expected {ACCEPTED_FILES}"
                 )
             path = found
         if not path.is_file():
-            raise FileNotFoundError(f"tokenizer file not found: {path}; expected {_ACCEPTED}")
+            raise FileNotFoundError(f"tokenizer file not found: {path}; expected {ACCEPTED_FILES}")
         if path.suffix == ".json":
-            return _read_tokenizer_json(path)
+            from hermes.data.tokenizer_json import read_tokenizer_json
+
+            return read_tokenizer_json(path)
         data = path.read_bytes()
         first_line = next((line for line in data.splitlines() if line.strip()), b"")
         if _TIKTOKEN_LINE.fullmatch(first_line.strip()):
@@ -292,7 +293,7 @@ class Tokenizer(ABC):
         except RuntimeError as error:
             raise TokenizerFileError(
                 f"{path} is neither a tiktoken rank file (its first line is {first_line[:60]!r}, not "
-                f"'<base64 token> <rank>') nor a SentencePiece model ({error}); expected {_ACCEPTED}"
+                f"'<base64 token> <rank>') nor a SentencePiece model ({error}); expected {ACCEPTED_FILES}"
             ) from None
         from hermes.data.sentencepiece_tokenizer import SentencePieceTokenizer
 
@@ -349,14 +350,14 @@ class TiktokenTokenizer(Tokenizer):
         )
         first_special = len(mergeable_ranks)
         special_ids = set(self._special_tokens.values())
-        for role, offset in (("BOS", _BOS_OFFSET), ("EOS", _EOS_OFFSET)):
+        for role, offset in (("BOS", BOS_OFFSET), ("EOS", EOS_OFFSET)):
             if first_special + offset not in special_ids:
                 raise TokenizerFileError(
                     f"{source}: expected the Llama 3 layout, {role} as special id {first_special + offset} "
                     f"(BPE ranks end at {first_special - 1}), but no special token has that id"
                 )
-        self.bos_id = first_special + _BOS_OFFSET
-        self.eos_id = first_special + _EOS_OFFSET
+        self.bos_id = first_special + BOS_OFFSET
+        self.eos_id = first_special + EOS_OFFSET
         pad = first_special + _PAD_OFFSET
         self.pad_id = pad if pad in special_ids else self.eos_id
         self.vocab_size = max(special_ids) + 1
@@ -439,13 +440,13 @@ def _read_tiktoken_ranks(data: bytes, path: Path) -> dict[bytes, int]:
         except (ValueError, binascii.Error):
             raise TokenizerFileError(
                 f"{path}, line {line_number}: expected '<base64 token> <rank>', got {line[:60]!r}; "
-                f"expected {_ACCEPTED}"
+                f"expected {ACCEPTED_FILES}"
             ) from None
-    _check_ranks(ranks, path)
+    check_ranks(ranks, path)
     return ranks
 
 
-def _check_ranks(ranks: dict[bytes, int], path: Path) -> None:
+def check_ranks(ranks: dict[bytes, int], path: Path) -> None:
     """tiktoken needs ids 0..n-1, each once, and every single byte as a token."""
     if sorted(ranks.values()) != list(range(len(ranks))):
         raise TokenizerFileError(
@@ -457,158 +458,3 @@ def _check_ranks(ranks: dict[bytes, int], path: Path) -> None:
             f"{path}: {len(missing)} single bytes (first: {missing[0]:#04x}) have no token; a byte-level "
             "BPE needs all 256"
         )
-
-
-@functools.cache
-def _byte_level_alphabet() -> dict[int, str]:
-    """str.translate table undoing GPT-2's byte -> printable character map of byte-level tokenizer.json
-    files: each alphabet character becomes the latin-1 character of its byte. Latin-1 characters
-    outside the alphabet become U+0100, which then fails latin-1 encoding."""
-    printable = [
-        *range(ord("!"), ord("~") + 1),
-        *range(ord("¡"), ord("¬") + 1),
-        *range(ord("®"), ord("ÿ") + 1),
-    ]
-    others = [byte for byte in range(256) if byte not in printable]
-    table = {code: "\u0100" for code in others}
-    table.update({byte: chr(byte) for byte in printable})
-    table.update({256 + n: chr(byte) for n, byte in enumerate(others)})
-    return table
-
-
-def read_added_tokens_decoder(path: str | Path) -> dict[str, int]:
-    """Special tokens listed in a Hugging Face `tokenizer_config.json` (`added_tokens_decoder`).
-
-    Args:
-        path: the tokenizer_config.json.
-
-    Returns:
-        name -> id; empty when the file has no `added_tokens_decoder`.
-
-    Raises:
-        FileNotFoundError: no such file.
-        TokenizerFileError: not JSON, or an entry that is not {"<id>": {"content": "<name>", ...}}.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"tokenizer_config.json not found: {path}")
-    config = read_json_object(path)
-    decoder = config.get("added_tokens_decoder", {})
-    try:
-        return {entry["content"]: int(token_id) for token_id, entry in decoder.items()}
-    except (AttributeError, KeyError, TypeError, ValueError):
-        raise TokenizerFileError(
-            f"{path}: 'added_tokens_decoder' must map ids to objects with a 'content' name, e.g. "
-            '{"128040": {"content": "<|im_end|>", "special": true}}'
-        ) from None
-
-
-def read_json_object(path: Path, expected: str = "") -> dict:
-    """A tokenizer file's JSON object (tokenizer.json, tokenizer_config.json).
-
-    Raises:
-        TokenizerFileError: not valid JSON (with `expected`, what the file should be), or not an object.
-    """
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        hint = f"; expected {expected}" if expected else ""
-        raise TokenizerFileError(f"{path} is not valid JSON ({error}){hint}") from None
-    if not isinstance(data, dict):
-        raise TokenizerFileError(f"{path}: expected a JSON object at the top level")
-    return data
-
-
-def _llama3_pattern(data: Mapping[str, object]) -> str | None:
-    """The Split regex of a tokenizer.json in Llama 3's layout, which tiktoken reproduces: a BPE model, no
-    normalizer, and a pre-tokenizer that is one Split regex, alone or followed by a ByteLevel step without
-    a regex of its own. None for any other layout."""
-    model, pre_tokenizer = data.get("model"), data.get("pre_tokenizer")
-    if (
-        not isinstance(model, dict)
-        or model.get("type", "BPE") != "BPE"
-        or not isinstance(model.get("vocab"), dict)
-    ):
-        return None
-    if data.get("normalizer") is not None or not isinstance(pre_tokenizer, dict):
-        return None
-    steps = pre_tokenizer.get("pretokenizers") if pre_tokenizer.get("type") == "Sequence" else [pre_tokenizer]
-    if not isinstance(steps, list) or not steps or not isinstance(steps[0], dict):
-        return None
-    split, rest = steps[0], steps[1:]
-    if split.get("type") != "Split" or not isinstance(split.get("pattern"), dict):
-        return None
-    if rest and (len(rest) > 1 or not isinstance(rest[0], dict) or rest[0].get("type") != "ByteLevel"):
-        return None
-    if rest and rest[0].get("use_regex", True):
-        return None
-    return split["pattern"].get("Regex")
-
-
-def _read_tokenizer_json(path: Path) -> Tokenizer:
-    """A tokenizer.json: on tiktoken in Llama 3's layout, else on the `tokenizers` library."""
-    data = read_json_object(path, _ACCEPTED)
-    pattern = _llama3_pattern(data)
-    tokenizer = None if pattern is None else _read_llama3_json(path, data, pattern)
-    if tokenizer is None:
-        from hermes.data.hf_tokenizers_backend import TokenizersTokenizer
-
-        tokenizer = TokenizersTokenizer.from_tokenizer_json(path, data)
-    return tokenizer
-
-
-def _read_llama3_json(path: Path, data: dict, pattern: str) -> TiktokenTokenizer | None:
-    """A byte-level BPE tokenizer.json in Llama 3's layout as tiktoken ranks (vocab ids) plus its added
-    tokens; None when its added tokens do not follow the ranks with BOS and EOS first, as Llama 3's do."""
-    model = data["model"]
-    try:
-        names_by_id = {int(entry["id"]): entry["content"] for entry in data.get("added_tokens", [])}
-    except (KeyError, TypeError, ValueError):
-        raise TokenizerFileError(f"{path}: every 'added_tokens' entry needs 'id' and 'content'") from None
-    config = path.with_name("tokenizer_config.json")
-    if config.is_file():
-        names_by_id.update({token_id: name for name, token_id in read_added_tokens_decoder(config).items()})
-    added = {name: token_id for token_id, name in names_by_id.items()}
-    if len(added) != len(names_by_id):
-        repeated = next(name for name in added if list(names_by_id.values()).count(name) > 1)
-        raise TokenizerFileError(
-            f"{path}: added token {repeated!r} has more than one id (in added_tokens or the "
-            "added_tokens_decoder of tokenizer_config.json beside it); give each name one id"
-        )
-    alphabet = _byte_level_alphabet()
-    vocab: dict[str, int] = model["vocab"]
-    ranks: dict[bytes, int] = {}
-    for token, token_id in vocab.items():
-        if token_id in names_by_id:
-            continue
-        try:
-            ranks[token.translate(alphabet).encode("latin-1")] = token_id
-        except UnicodeEncodeError:
-            raise TokenizerFileError(
-                f"{path}: model.vocab token {token!r} has characters outside the byte-level alphabet; "
-                "expected a byte-level BPE (GPT-2 / Llama 3 style)"
-            ) from None
-    if not {len(ranks) + _BOS_OFFSET, len(ranks) + _EOS_OFFSET} <= names_by_id.keys():
-        return None
-    _check_ranks(ranks, path)
-    _check_merge_order(model.get("merges", []), vocab, path)
-    return TiktokenTokenizer(ranks, added, pattern=pattern, source=str(path))
-
-
-def _check_merge_order(merges: list, vocab: dict[str, int], path: Path) -> None:
-    """tiktoken merges by rank of the merged token, so merge i must not produce a lower id than merge i-1."""
-    previous = -1
-    for index, merge in enumerate(merges):
-        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
-        token_id = vocab.get(left + right)
-        if token_id is None:
-            raise TokenizerFileError(
-                f"{path}: model.merges[{index}] ({left!r} + {right!r}) yields a token missing from model.vocab"
-            )
-        if token_id < previous:
-            raise TokenizerFileError(
-                f"{path}: model.merges[{index}] ({left!r} + {right!r}) yields id {token_id}, lower than the "
-                f"merge before it ({previous}); tiktoken needs vocab ids that follow the merge order "
-                "(as in Llama 3's tokenizer.json)"
-            )
-        previous = token_id
