@@ -153,6 +153,47 @@ def test_label_logprobs_equal_log_softmax_of_full_logits_with_gradients(monkeypa
         torch.testing.assert_close(param.grad, expected_grads[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
+@pytest.mark.parametrize(
+    ("dtype", "keep_logits_bytes", "chunks"),
+    [(torch.float32, 2**30, 1), (torch.bfloat16, 2**30, 5), (torch.float32, 0, 5)],
+    ids=["float32-kept", "bfloat16-kept", "float32-recomputed"],
+)
+def test_label_logprobs_runs_kept_float32_logits_as_one_chunk_without_a_larger_peak(
+    monkeypatch, dtype, keep_logits_bytes, chunks
+):
+    from hermes.model import llama
+    from hermes.model.llama import OutputHead
+    from hermes.planning.measure import allocator_peak
+
+    monkeypatch.setattr(llama, "KEEP_LOGITS_BYTES", keep_logits_bytes)
+    torch.manual_seed(0)
+    model = Llama(SMALL.replace(vocab_size=4096)).to(dtype)
+    hidden = model.hidden_states(torch.randint(0, 4096, (2, 40))).detach().requires_grad_()
+    labels = torch.randint(0, 4096, (2, 40))  # 80 labelled tokens: 5 chunks of 16
+    calls, forward_calls = [], []
+    chunk_logprobs = OutputHead.chunk_logprobs
+
+    def counted(head, h, y):
+        calls.append(h.shape[0])
+        return chunk_logprobs(head, h, y)
+
+    monkeypatch.setattr(OutputHead, "chunk_logprobs", counted)
+
+    def step() -> None:
+        logprobs = llama.label_logprobs(hidden, model.output, labels, chunk_tokens=16)
+        forward_calls[:] = calls  # a recomputed chunk is called again in backward
+        logprobs.sum().backward()
+
+    peak = allocator_peak(step)
+    assert len(forward_calls) == chunks and sum(forward_calls) == 80
+    # Chunked as before (the head said to add buffers), the float32 kept step peaks no lower.
+    monkeypatch.setattr(OutputHead, "chunks_add_no_buffers", lambda head: False)
+    chunked_peak = allocator_peak(step)
+    if chunks == 1:
+        assert peak <= chunked_peak
+        assert peak < 2 * 80 * 4096 * 4  # the kept logits and the head's weight gradient, no second copy
+
+
 def test_meta_built_model_materialises_through_init_weights():
     with torch.device("meta"):
         model = Llama(SMALL)

@@ -68,6 +68,9 @@ class LossParallelOutputHead(OutputHead):
         losses = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="none")
         return -losses.full_tensor()
 
+    def chunks_add_no_buffers(self) -> bool:
+        return False  # F.cross_entropy's log-softmax and gradients, beside the logits
+
 
 def loss_context(model: nn.Module) -> contextlib.AbstractContextManager:
     """The context a micro-batch's forward and backward run in: loss parallelism when the model's output

@@ -35,6 +35,8 @@ log-softmax is kept from forward to backward (4nV) and a chunk's backward adds t
 and the gradient of the logits (8cV); beyond that size each chunk is recomputed in backward, where its
 log-softmax and the two gradients coexist (12cV). The head's weight gradient appears after the first
 chunk's backward peak and adds to the later chunks' (less, when kept, the first chunk's freed log-softmax).
+A float32 head whose logits are kept runs all n as one chunk and adds no buffer to them
+(`OutputHead.chunks_add_no_buffers`), so there the figure is an upper bound.
 The planner takes the worst case over n up to the micro-batch's tokens (the largest n that is still kept is
 usually worse than recomputing). Loss parallelism splits the vocabulary, so all of it divides by tp.
 """
