@@ -168,6 +168,19 @@ def test_rmsnorm_equals_the_recipe_forward_and_backward(dtype):
         )
 
 
+def test_rmsnorm_backward_passes_gradcheck_and_leaves_a_frozen_weight_without_gradient():
+    from hermes.model.llama import _RMSNormFunction
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 8, dtype=torch.float64, requires_grad=True)
+    weight = torch.linspace(0.5, 1.5, 8, dtype=torch.float64).requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, w: _RMSNormFunction.apply(a, w, 1e-5), (x, weight))
+    norm = RMSNorm(8, 1e-5).requires_grad_(False)  # a LoRA run freezes the norms
+    x32 = torch.randn(2, 8, requires_grad=True)
+    norm(x32).sum().backward()
+    assert norm.weight.grad is None and x32.grad is not None
+
+
 def cross_entropy_logprobs(head: OutputHead, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """The previous `OutputHead.chunk_logprobs`: the negated token cross-entropy of the float32 logits."""
     logits = head(hidden).float()

@@ -38,12 +38,42 @@ store the table once, under the embedding's name (as transformers writes no lm_h
 `Llama.load_state_dict` accepts a state without it."""
 
 
+class _RMSNormFunction(torch.autograd.Function):
+    """x * r * weight with r = rsqrt(mean(x^2) + eps) per row, float32, with its backward written out.
+
+    torch's rms_norm is one fused kernel (forward and backward) on CUDA; elsewhere it is six ops, and
+    autograd differentiates each (about a dozen passes over x in backward). This keeps r from forward and
+    computes both gradients from it: with n = x r and u = g * weight,
+    dx = r (u - n mean(u n)), dweight = the sum over rows of g n.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        rstd = torch.rsqrt(torch.linalg.vecdot(x, x).unsqueeze(-1) / x.shape[-1] + eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return (x * rstd).mul_(weight)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+        x, weight, rstd = ctx.saved_tensors
+        normed = x * rstd
+        grad_x = grad_weight = None
+        if ctx.needs_input_grad[1]:
+            grad_weight = (grad * normed).sum(dim=tuple(range(grad.dim() - 1)))
+        if ctx.needs_input_grad[0]:
+            scaled = grad * weight
+            mean = torch.linalg.vecdot(scaled, normed).unsqueeze(-1) / x.shape[-1]
+            grad_x = scaled.addcmul_(normed, mean, value=-1).mul_(rstd)
+        return grad_x, grad_weight, None
+
+
 class RMSNorm(nn.Module):
     """x * rsqrt(mean(x^2) + eps), computed in float32, cast back, times a learned weight.
 
-    On float32 inputs and weight the cast is the identity, and torch's rms_norm with the weight computes the
-    same in one op; other dtypes keep the cast before the product (one rounding of the normalised x, then
-    one of the product), as Meta's and Hugging Face's implementations round.
+    On float32 inputs and weight the cast is the identity and the norm is one op: torch's fused rms_norm on
+    CUDA, `_RMSNormFunction` elsewhere. Other dtypes keep the cast before the product (one rounding of the
+    normalised x, then one of the product), as Meta's and Hugging Face's implementations round.
     """
 
     def __init__(self, dim: int, eps: float) -> None:
@@ -53,7 +83,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
-            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+            if x.is_cuda:
+                return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+            return _RMSNormFunction.apply(x, self.weight, self.eps)
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return normed.to(x.dtype) * self.weight
 

@@ -7,8 +7,8 @@ a is the byte width of an activation (the compute dtype), d the model width, H /
 heads of width hd, F the SwiGLU width, k the LoRA rank.
 
 Per block, by activation checkpointing mode (`hermes.parallel.activation_checkpointing`):
-  none:      each RMSNorm keeps its float32 input and 1/rms (4d + 4) and its normalised output (a d); the
-             product with the norm weight (a d) is kept by the projections it feeds; q and k after RoPE and
+  none:      each RMSNorm keeps its float32 input and 1/rms (4d + 4) and, below float32, its normalised
+             output (a d); the product with the norm weight (a d) is kept by the projections it feeds; q and k after RoPE and
              v, a(H + 2KV)hd, and the attention output a H hd with its float32 log-sum-exp 4H are kept by
              the flash-style kernel (O(seq): no seq x seq matrix); w1 out, silu(w1 out), w3 out and the gated
              product, 4aF. The residual stream itself is not kept (the norms keep float32 copies of it).
@@ -35,8 +35,8 @@ log-softmax is kept from forward to backward (4nV) and a chunk's backward adds t
 and the gradient of the logits (8cV); beyond that size each chunk is recomputed in backward, where its
 log-softmax and the two gradients coexist (12cV). The head's weight gradient appears after the first
 chunk's backward peak and adds to the later chunks' (less, when kept, the first chunk's freed log-softmax).
-A float32 head whose logits are kept runs all n as one chunk and adds no buffer to them
-(`OutputHead.chunks_add_no_buffers`), so there the figure is an upper bound.
+Without tensor parallelism a float32 head whose logits are kept runs all n as one chunk and adds no buffer
+to them (`OutputHead.chunks_add_no_buffers`): 4nV, and its weight gradient beside them at the end.
 The planner takes the worst case over n up to the micro-batch's tokens (the largest n that is still kept is
 usually worse than recomputing). Loss parallelism splits the vocabulary, so all of it divides by tp.
 """
@@ -80,9 +80,10 @@ def lora_outputs(c: LlamaConfig) -> int:
 
 
 def _norm(which: str, d: int, a: int, trained: bool, tp_sharded: bool = True) -> list[Term]:
-    """An RMSNorm keeps its float32 input and 1/rms; its normalised output only when its weight trains."""
+    """An RMSNorm keeps its float32 input and 1/rms; below float32 (a < 4) also its normalised output when
+    its weight trains, which float32's one-op norm recomputes in backward instead."""
     terms = [Term(f"{which}: float32 input and 1/rms", 4 * d + 4, tp_sharded)]
-    return [*terms, Term(f"{which}: normalised output", a * d, tp_sharded)] if trained else terms
+    return [*terms, Term(f"{which}: normalised output", a * d, tp_sharded)] if trained and a < 4 else terms
 
 
 def block_terms(
@@ -149,7 +150,7 @@ def around_block_terms(c: LlamaConfig, a: int, lora: bool = False) -> list[Term]
     ]
 
 
-def head_peak(vocab: int, tokens: int, tp: int, weight_grad: float) -> tuple[float, float]:
+def head_peak(vocab: int, tokens: int, tp: int, weight_grad: float, float32: bool) -> tuple[float, float]:
     """The output head's backward peak, worst case over the number of labelled tokens up to `tokens` (see the
     module docstring): (bytes of log-softmax outputs and gradients, bytes of the head's weight gradient
     alive at that moment).
@@ -160,14 +161,18 @@ def head_peak(vocab: int, tokens: int, tp: int, weight_grad: float) -> tuple[flo
         tp: tensor-parallel ranks (loss parallelism splits the vocabulary).
         weight_grad: bytes of the head's unsharded weight gradient (0 when the head is frozen). The first
             chunk's backward creates it after its own peak, so it adds to the peaks of the later chunks.
+        float32: whether the head computes in float32.
     """
     c = LOGPROB_CHUNK_TOKENS
     kept = min(tokens, KEEP_LOGITS_BYTES // (4 * vocab))
     last = kept - (kept - 1) // c * c  # tokens of the last chunk, the first one backward runs
-    keep = (
-        (4 * kept + 8 * min(c, kept)) * vocab / tp,
-        max(0.0, weight_grad - 4 * last * vocab / tp) if kept > c else 0.0,
-    )
+    if float32 and tp == 1:
+        keep = (4 * kept * vocab, weight_grad)
+    else:
+        keep = (
+            (4 * kept + 8 * min(c, kept)) * vocab / tp,
+            max(0.0, weight_grad - 4 * last * vocab / tp) if kept > c else 0.0,
+        )
     recompute = (12 * min(c, tokens) * vocab / tp, weight_grad if tokens > c else 0.0)
     if tokens > kept and sum(recompute) > sum(keep):
         return recompute

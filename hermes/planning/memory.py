@@ -336,7 +336,7 @@ def plan(
     block_gathered = (block_t + adapter_t) * p
     in_flight = prefetch if shards > 1 else 1
     head_grad = V * d / tp * p if not lora else 0.0
-    head, head_grad_at_peak = head_peak(V, tokens, tp, head_grad)
+    head, head_grad_at_peak = head_peak(V, tokens, tp, head_grad, float32=p == 4)
     trains_head = 0.0 if lora else 1.0
     # Held through the blocks' backward: a tied root stays gathered with its unsharded gradient; an untied
     # head unit has been reduced (its sharded gradient stays) and resharded.
