@@ -7,7 +7,7 @@ step computes it (optimizer excluded).
 
 Part 1, the variants:
 - "hermes (labels)": the training path, `model(tokens, labels=...)`: the output head and float32
-  log-softmax run on labelled tokens in chunks of LOGPROB_CHUNK_TOKENS;
+  log-softmax run on labelled tokens only (in one chunk here: float32 logits kept for backward);
 - "hermes (logits)": full logits, then `F.cross_entropy` (what transformers and torchtitan do);
 - "transformers eager" / "transformers sdpa": LlamaForCausalLM with each attention implementation;
 - "torchtitan": torchtitan's Llama 3 `Transformer` (torchtitan 0.2.0, the `bench` extra) with its SDPA
