@@ -11,7 +11,8 @@ Per block, by activation checkpointing mode (`hermes.parallel.activation_checkpo
              output (a d); the product with the norm weight (a d) is kept by the projections it feeds; q
              and k after RoPE and v, a(H + 2KV)hd, and the attention output a H hd with its float32
              log-sum-exp 4H are kept by the flash-style kernel (O(seq): no seq x seq matrix); w1 out,
-             silu(w1 out), w3 out and the gated product, 4aF. The residual stream itself is not kept (the norms keep float32 copies of it).
+             silu(w1 out), w3 out and the gated product, 4aF. The residual stream itself is not kept (the
+             norms keep float32 copies of it).
   selective: the block input and the outputs of every matmul and attention kernel: q, k, v, attention
              output and log-sum-exp, wo out, w1 out, w3 out, w2 out: a(3d + (2H + 2KV)hd + 2F) + 4H.
   full:      the block input, a d.
